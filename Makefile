@@ -1,0 +1,28 @@
+# merg: `make demo` runs the main job end to end on the embedded default; `make test` runs the tests.
+# Both install everything into .venv first (once; again only when pyproject.toml or the setup changes).
+VENV ?= .venv
+MERG := $(VENV)/bin/merg
+STAMP := $(VENV)/.merg-installed
+DEMO_DIR ?= data/demo
+DEMO_DIALOGUES ?= 12
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml infra/setup.sh
+	bash infra/setup.sh
+
+demo: $(STAMP)
+	$(MERG) data synth --out $(DEMO_DIR)/mini-meld --dialogues $(DEMO_DIALOGUES) --seed 0 --faults
+	$(MERG) data summary --meld-root $(DEMO_DIR)/mini-meld
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

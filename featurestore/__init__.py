@@ -1,0 +1,5 @@
+"""featurestore: the Lance store every stage reads and writes. One row per utterance with metadata,
+text, embeddings and provenance, plus failures, targets and evaluation tables.
+
+Doors: `featurestore.schema` (the contract: tables, label vocabularies, keys) and `Store`.
+"""

@@ -1,0 +1,113 @@
+"""Typed configuration: pydantic models, loaded from YAML, overridable from the CLI.
+
+One `MergConfig` holds a section per job. A YAML file gives any subset of it; `--set a.b=value`
+overrides any field (the value is parsed as YAML, so `--set synth.faults=true` is a bool).
+Paths are resolved in one place, `PathsConfig`, so no module invents its own locations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    # Unknown keys are an error: a typo in a YAML file must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _default_meld_text() -> Path | None:
+    """MELD's real annotation CSVs: $MERG_MELD_TEXT, else ../shared/meld-text beside the repo."""
+    if env := os.environ.get("MERG_MELD_TEXT"):
+        return Path(env)
+    candidate = REPO_ROOT.parent / "shared" / "meld-text"
+    return candidate if candidate.is_dir() else None
+
+
+def _default_model_cache() -> Path:
+    if env := os.environ.get("MERG_MODEL_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "merg" / "models"
+
+
+class PathsConfig(_Section):
+    """Where data, the store, models and runs live. Relative paths are relative to the working dir."""
+
+    data_root: Path = Path("data")
+    meld_text: Path | None = Field(default_factory=_default_meld_text)
+    store: Path = Path("data/store")
+    model_cache: Path = Field(default_factory=_default_model_cache)
+    runs: Path = Path("runs")
+
+
+class SynthConfig(_Section):
+    """The mini-MELD generator (`merg data synth`)."""
+
+    out: Path = Path("data/mini-meld")
+    dialogues: int = Field(40, ge=3, description="dialogues in total, spread over train/dev/test")
+    seed: int = 0
+    faults: bool = False
+    text_from: Path | None = Field(
+        None, description="folder with MELD's *_sent_emo.csv; default paths.meld_text, else the bank"
+    )
+    use_bank: bool = Field(False, description="ignore real MELD text and use the built-in bank")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    min_duration: float = 0.5
+    max_duration: float = 6.0
+    two_face_prob: float = Field(0.5, ge=0, le=1)
+    # MELD's split sizes are 1038 / 114 / 280 dialogues.
+    split_fractions: dict[str, float] = {"train": 0.726, "dev": 0.080, "test": 0.194}
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _three_splits(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) != {"train", "dev", "test"}:
+            raise ValueError("split_fractions needs exactly the keys train, dev, test")
+        return value
+
+
+class MergConfig(_Section):
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+
+    def fingerprint(self) -> str:
+        """Short hash of the full config, recorded in every artifact's provenance."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> MergConfig:
+    """Build the config from an optional YAML file plus `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of sections")
+    return MergConfig.model_validate(apply_overrides(data, overrides or []))
