@@ -1,21 +1,209 @@
 """The contract between the preprocessing job, the store, training and evaluation.
 
-MELD's label vocabularies live here so that every stage agrees on names and integer ids
-(`lance.torch` cannot yield strings, so training reads the ids).
+One module declares every table, the label vocabularies and the key format, and validates rows at
+the store's door. Embeddings are real Arrow `fixed_size_list<float32>` (Lance can vector-index those;
+Ray's tensor extension type it cannot). The integer label ids exist because `lance.torch` cannot
+yield strings. Bump `SCHEMA_VERSION` on any change that old readers would misread.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SCHEMA_VERSION = 1
+META_VERSION = b"merg.schema_version"
+META_TABLE = b"merg.table"
+META_EMBEDDING_DIM = b"merg.embedding_dim"
+META_FUSED_DIM = b"merg.fused_dim"
+
 # Order fixes the integer ids; never reorder, only append (and bump SCHEMA_VERSION).
 EMOTIONS: tuple[str, ...] = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 SENTIMENTS: tuple[str, ...] = ("neutral", "positive", "negative")
-
 EMOTION_ID = {name: i for i, name in enumerate(EMOTIONS)}
 SENTIMENT_ID = {name: i for i, name in enumerate(SENTIMENTS)}
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+KEY_PATTERN = r"^(train|dev|test)/dia[0-9]+_utt[0-9]+$"
+EMBEDDING_COLUMNS = ("audio_emb", "vision_emb", "fused_emb")
+
+UTTERANCES = "utterances"
+FAILURES = "failures"
 
 
 def utterance_key(split: str, dialogue_id: int, utterance_id: int) -> str:
     """The one key format used everywhere: `split/diaD_uttU` (store rows, logs, artifact names)."""
     return f"{split}/dia{dialogue_id}_utt{utterance_id}"
+
+
+def _vector(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def utterances_schema(embedding_dim: int, fused_dim: int | None = None) -> pa.Schema:
+    """One row per MELD utterance. `fused_dim` differs from `embedding_dim` for `concat` fusion."""
+    fused_dim = fused_dim or embedding_dim
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        # MELD metadata and text
+        pa.field("split", pa.string()),
+        pa.field("dialogue_id", pa.int32()),
+        pa.field("utterance_id", pa.int32()),
+        pa.field("speaker", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("emotion", pa.string()),
+        pa.field("emotion_id", pa.int32()),
+        pa.field("sentiment", pa.string()),
+        pa.field("sentiment_id", pa.int32()),
+        pa.field("season", pa.int32()),
+        pa.field("episode", pa.int32()),
+        pa.field("start_time", pa.string()),
+        pa.field("end_time", pa.string()),
+        # the clip
+        pa.field("clip_path", pa.string()),
+        pa.field("clip_sha256", pa.string()),
+        pa.field("duration", pa.float32()),
+        pa.field("fps", pa.float32()),
+        pa.field("has_audio", pa.bool_()),
+        # active speaker detection
+        pa.field("face_visible", pa.bool_()),
+        pa.field("asd_score", pa.float32()),
+        pa.field("asd_method", pa.string()),
+        pa.field("speaker_box", pa.list_(pa.float32(), 4)),  # median (x0, y0, x1, y1), frame-relative
+        pa.field("speaker_track_frames", pa.int32()),
+        # embeddings (each modality L2-normalised, plus the fused vector)
+        pa.field("audio_emb", _vector(embedding_dim)),
+        pa.field("vision_emb", _vector(embedding_dim)),
+        pa.field("fused_emb", _vector(fused_dim)),
+        # provenance
+        pa.field("encoder", pa.string()),
+        pa.field("encoder_checkpoint", pa.string()),  # sha256 of the checkpoint, or "random-init:<seed>"
+        pa.field("fusion", pa.string()),
+        pa.field("pipeline_version", pa.string()),
+        pa.field("config_hash", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(
+        fields,
+        metadata={
+            META_VERSION: str(SCHEMA_VERSION).encode(),
+            META_TABLE: UTTERANCES.encode(),
+            META_EMBEDDING_DIM: str(embedding_dim).encode(),
+            META_FUSED_DIM: str(fused_dim).encode(),
+        },
+    )
+
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # "read" | "decode" | "asd" | "encode" | "store" | ...
+        pa.field("reason", pa.string()),  # machine-readable, e.g. "truncated", "embedding_width"
+        pa.field("detail", pa.string()),
+        pa.field("attempts", pa.int32()),
+        pa.field("last_seen", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: FAILURES.encode()},
+)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    key: str
+    reason: str
+    detail: str
+
+
+def _row_nonfinite(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row: does a (variable or fixed size) float list contain NaN or inf? Nulls count as fine."""
+    flags = []
+    for chunk in column.chunks:
+        if isinstance(chunk, pa.ExtensionArray):
+            chunk = chunk.storage
+        offsets = chunk.offsets.to_numpy() if hasattr(chunk, "offsets") else None
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        if offsets is None:  # fixed-size list: values are contiguous per row
+            width = chunk.type.list_size
+            offsets = np.arange(len(chunk) + 1) * width + chunk.offset * width
+        bad = np.concatenate([[0], np.cumsum(~np.isfinite(values))])
+        valid = ~np.asarray(chunk.is_null(), dtype=bool)  # a null row's slots hold arbitrary values
+        flags.append((bad[offsets[1:]] - bad[offsets[:-1]] > 0) & valid)
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+
+
+def validate_utterances(
+    table: pa.Table, embedding_dim: int, fused_dim: int | None = None
+) -> tuple[pa.Table, list[Rejection]]:
+    """Split a batch into rows fit for the store and rejections with a reason each.
+
+    Checks: key format, known emotion and sentiment labels, embedding widths, finite values.
+    Derives `emotion_id` / `sentiment_id` from the labels (callers never pass them), and keeps the
+    last row of a key repeated within the batch.
+    """
+    fused_dim = fused_dim or embedding_dim
+    schema = utterances_schema(embedding_dim, fused_dim)
+    if unknown := set(table.column_names) - set(schema.names):
+        raise ValueError(f"columns not in the utterances schema: {', '.join(sorted(unknown))}")
+    n = table.num_rows
+    reasons: list[str | None] = [None] * n
+    details: list[str] = [""] * n
+
+    def reject(mask: np.ndarray, reason: str, detail_of) -> None:
+        for i in np.flatnonzero(mask):
+            if reasons[i] is None:
+                reasons[i], details[i] = reason, detail_of(i)
+
+    names = table.column_names
+    keys = table.column("key") if "key" in names else pa.chunked_array([pa.nulls(n, pa.string())])
+    key_list = keys.to_pylist()
+    bad_key = ~np.asarray(pc.fill_null(pc.match_substring_regex(keys, KEY_PATTERN), False))
+    reject(bad_key, "bad_key", lambda i: f"key {key_list[i]!r} is not split/diaD_uttU")
+    for column, vocab, reason in (("emotion", EMOTIONS, "unknown_emotion"), ("sentiment", SENTIMENTS, "unknown_sentiment")):
+        values = table.column(column) if column in names else pa.chunked_array([pa.nulls(n, pa.string())])
+        known = np.asarray(pc.fill_null(pc.is_in(values, pa.array(vocab)), False))
+        labels = values.to_pylist()
+        reject(~known, reason, lambda i, labels=labels, vocab=vocab: f"{labels[i]!r} not in {', '.join(vocab)}")
+    for column in EMBEDDING_COLUMNS:
+        if column not in names:
+            continue
+        width = fused_dim if column == "fused_emb" else embedding_dim
+        emb = table.column(column)
+        if pa.types.is_fixed_size_list(emb.type):
+            lengths = np.where(np.asarray(emb.is_null()), width, emb.type.list_size)
+        else:
+            lengths = np.asarray(pc.fill_null(pc.list_value_length(emb), width))
+        reject(lengths != width, "embedding_width", lambda i, c=column, l=lengths, w=width: f"{c} has {l[i]} values, the store holds {w}")
+        if not (lengths != width).all():
+            reject(_row_nonfinite(emb), "non_finite_embedding", lambda i, c=column: f"{c} contains NaN or inf")
+
+    last_of_key = {k: i for i, k in enumerate(key_list)}
+    keep = np.array([reasons[i] is None and last_of_key[key_list[i]] == i for i in range(n)], dtype=bool)
+    rejections = [Rejection(str(key_list[i]), reasons[i], details[i]) for i in range(n) if reasons[i]]
+    valid = table.filter(pa.array(keep))
+    return _conform(valid, schema), rejections
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast to `schema`: derive label ids, fill absent columns with nulls, stamp created_at."""
+    n = table.num_rows
+    derived = {
+        "emotion_id": pa.array([EMOTION_ID[e] for e in table.column("emotion").to_pylist()], pa.int32()),
+        "sentiment_id": pa.array([SENTIMENT_ID[s] for s in table.column("sentiment").to_pylist()], pa.int32()),
+    }
+    columns = []
+    for field in schema:
+        if field.name in derived:
+            columns.append(derived[field.name])
+        elif field.name in table.column_names:
+            column = table.column(field.name)
+            if pa.types.is_fixed_size_list(column.type) and column.type != field.type:
+                column = column.cast(pa.list_(pa.float32()))  # only nulls are left at a wrong width
+            columns.append(column.cast(field.type))
+        elif field.name == "created_at":
+            columns.append(pa.array([np.datetime64("now", "us")] * n, pa.timestamp("us")).cast(field.type))
+        else:
+            columns.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -1,0 +1,462 @@
+"""`Store`: the one door to merg's Lance feature store.
+
+    store = Store.open("data/store", create=True, embedding_dim=1024)
+    store.write_utterances(rows)                 # exactly once per key, bad rows -> failures
+    store.query(emotion="joy", split="train")    # -> pyarrow.Table
+    store.similar("test/dia3_utt1", k=10, where="split = 'train'")
+    store.stats(); store.versions(); store.tag("run-42"); Store.open(path, version="run-42")
+
+Layout: `<root>/utterances.lance` and `<root>/failures.lance`, each a Lance dataset; every write is
+a new version. The store's version is the version of its `utterances` table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featurestore.schema import (
+    EMBEDDING_COLUMNS,
+    FAILURES,
+    FAILURES_SCHEMA,
+    META_EMBEDDING_DIM,
+    META_FUSED_DIM,
+    META_VERSION,
+    SCHEMA_VERSION,
+    UTTERANCES,
+    Rejection,
+    utterances_schema,
+    validate_utterances,
+)
+
+if TYPE_CHECKING:
+    from featurestore.torch_dataset import StoreDataset
+
+log = logging.getLogger(__name__)
+
+SCALAR_INDEX_COLUMNS = ("emotion", "sentiment", "split")
+_CONFLICT_RETRIES = 50
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class StoreNotFound(StoreError, FileNotFoundError):
+    pass
+
+
+class SchemaVersionMismatch(StoreError):
+    pass
+
+
+@dataclass
+class WriteResult:
+    inserted: int = 0
+    updated: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    version: int | None = None
+
+
+@dataclass
+class StoreStats:
+    version: int
+    rows: int
+    by_split_emotion: dict[str, Counter]
+    face_visible: dict[str, Counter]  # split -> "visible" | "not_visible" | "unknown"
+    with_embeddings: dict[str, int]  # embedding column -> non-null rows
+    failures: Counter  # (stage, reason) -> keys
+
+
+def sql_literal(value: Any) -> str:
+    """A value as a Lance SQL literal (strings quoted, quotes doubled)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return repr(value.item() if isinstance(value, np.generic) else value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def build_filter(where: str | None = None, **equals: Any) -> str | None:
+    """AND together `column = value` (or `IN (...)` for lists) and a raw SQL `where`."""
+    clauses = []
+    for column, value in equals.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, set, frozenset)):
+            clauses.append(f"{column} IN ({', '.join(sql_literal(v) for v in sorted(value))})")
+        else:
+            clauses.append(f"{column} = {sql_literal(value)}")
+    if where:
+        clauses.append(f"({where})")
+    return " AND ".join(clauses) or None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _retry_on_conflict(action, what: str):
+    """Run a Lance commit, retrying when another writer committed first."""
+    for attempt in range(_CONFLICT_RETRIES):
+        try:
+            return action()
+        except OSError as exc:  # lance raises OSError for commit conflicts
+            if "conflict" not in str(exc).lower() and "retryable" not in str(exc).lower():
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise StoreError(f"{what}: gave up after {_CONFLICT_RETRIES} commit conflicts")
+
+
+class Store:
+    """A handle on the store at `root`, optionally pinned to a version or tag (then read-only)."""
+
+    def __init__(self, root: Path, embedding_dim: int, fused_dim: int, version: int | str | None = None):
+        self.root = Path(root)
+        self.embedding_dim = embedding_dim
+        self.fused_dim = fused_dim
+        self.pinned = version
+        self._schema = utterances_schema(embedding_dim, fused_dim)
+
+    # ---- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        root: Path | str,
+        *,
+        create: bool = False,
+        embedding_dim: int | None = None,
+        fused_dim: int | None = None,
+        version: int | str | None = None,
+    ) -> "Store":
+        """Open the store at `root`; with `create`, make it (empty) first if absent."""
+        root = Path(root)
+        uri = root / f"{UTTERANCES}.lance"
+        if not uri.exists():
+            if not create:
+                raise StoreNotFound(
+                    f"no merg store at {root} (expected {uri}); create one with `merg preprocess --store {root}`"
+                )
+            if embedding_dim is None:
+                raise ValueError("creating a store needs embedding_dim")
+            cls._create(root, embedding_dim, fused_dim or embedding_dim)
+        dataset = lance.dataset(str(uri))
+        meta = dataset.schema.metadata or {}
+        found = meta.get(META_VERSION, b"<none>").decode()
+        if found != str(SCHEMA_VERSION):
+            raise SchemaVersionMismatch(
+                f"the store at {root} has schema version {found}; this merg reads version {SCHEMA_VERSION}. "
+                f"Rebuild it with `merg preprocess --store NEW_DIR` (the old store stays readable by the merg "
+                f"that wrote it), or point --store at a store of this version."
+            )
+        stored_dim, stored_fused = int(meta[META_EMBEDDING_DIM]), int(meta[META_FUSED_DIM])
+        if embedding_dim is not None and embedding_dim != stored_dim:
+            raise StoreError(f"the store at {root} holds {stored_dim}-d embeddings, not {embedding_dim}-d")
+        if fused_dim is not None and fused_dim != stored_fused:
+            raise StoreError(f"the store at {root} holds {stored_fused}-d fused embeddings, not {fused_dim}-d")
+        store = cls(root, stored_dim, stored_fused, version)
+        if version is not None:
+            store._utterances()  # fail now on an unknown version or tag
+        return store
+
+    @staticmethod
+    def _create(root: Path, embedding_dim: int, fused_dim: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for name, schema in ((UTTERANCES, utterances_schema(embedding_dim, fused_dim)), (FAILURES, FAILURES_SCHEMA)):
+            uri = root / f"{name}.lance"
+            try:
+                lance.write_dataset(schema.empty_table(), str(uri), schema=schema, mode="create")
+            except (OSError, ValueError) as exc:  # another process created it first: fine
+                if not uri.exists():
+                    raise StoreError(f"could not create {uri}: {exc}") from exc
+
+    def at(self, version: int | str) -> "Store":
+        """A read-only view of this store at a version number or tag."""
+        return Store.open(self.root, version=version)
+
+    def _dataset(self, name: str, version: int | str | None = None) -> lance.LanceDataset:
+        try:
+            return lance.dataset(str(self.root / f"{name}.lance"), version=version)
+        except ValueError as exc:
+            raise StoreError(f"{self.root}: no version or tag {version!r} of {name}") from exc
+
+    def _utterances(self) -> lance.LanceDataset:
+        return self._dataset(UTTERANCES, self.pinned)
+
+    def _failures(self) -> lance.LanceDataset:
+        return self._dataset(FAILURES)
+
+    @property
+    def version(self) -> int:
+        return self._utterances().version
+
+    def _writable(self) -> None:
+        if self.pinned is not None:
+            raise StoreError(f"this handle is pinned to version {self.pinned!r} and is read-only")
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def write_utterances(self, rows: pa.Table | Iterable[dict]) -> WriteResult:
+        """Upsert rows by key: a re-run neither duplicates nor loses rows. Bad rows -> failures."""
+        self._writable()
+        table = rows if isinstance(rows, pa.Table) else _loose_table(list(rows))
+        valid, rejected = validate_utterances(table, self.embedding_dim, self.fused_dim)
+        result = WriteResult(rejected=rejected)
+        if valid.num_rows:
+
+            def upsert() -> dict:
+                return (
+                    self._utterances()
+                    .merge_insert("key")
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .conflict_retries(_CONFLICT_RETRIES)
+                    .execute(valid)
+                )
+
+            stats = _retry_on_conflict(upsert, "write_utterances")
+            result.inserted, result.updated = stats["num_inserted_rows"], stats["num_updated_rows"]
+        if rejected:
+            self.record_failures([(r.key, "store", r.reason, r.detail) for r in rejected])
+            for r in rejected[:5]:
+                log.warning("rejected %s: %s (%s)", r.key, r.reason, r.detail)
+        result.version = self.version
+        return result
+
+    def record_failures(self, failures: Sequence[tuple[str, str, str, str]]) -> None:
+        """Record (key, stage, reason, detail); a failure seen again has its `attempts` counted up."""
+        self._writable()
+        if not failures:
+            return
+        latest = {(k, s): (r, d) for k, s, r, d in failures}
+        keys = sorted({k for k, _ in latest})
+        previous = self._failures().to_table(
+            columns=["key", "stage", "attempts"], filter=build_filter(key=keys)
+        ).to_pylist()
+        attempts = {(p["key"], p["stage"]): p["attempts"] for p in previous}
+        now = _now()
+        table = pa.Table.from_pylist(
+            [
+                dict(key=k, stage=s, reason=r, detail=d, attempts=attempts.get((k, s), 0) + 1, last_seen=now)
+                for (k, s), (r, d) in sorted(latest.items())
+            ],
+            schema=FAILURES_SCHEMA,
+        )
+        _retry_on_conflict(
+            lambda: self._failures()
+            .merge_insert(["key", "stage"])
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .conflict_retries(_CONFLICT_RETRIES)
+            .execute(table),
+            "record_failures",
+        )
+
+    def clear_failures(self, keys: Sequence[str], stage: str | None = None) -> None:
+        """Forget failures of `keys` (e.g. once a re-run processed them)."""
+        self._writable()
+        if keys:
+            condition = build_filter(key=list(keys), stage=stage)
+            _retry_on_conflict(lambda: self._failures().delete(condition), "clear_failures")
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def query(
+        self,
+        *,
+        emotion: str | Sequence[str] | None = None,
+        sentiment: str | Sequence[str] | None = None,
+        split: str | Sequence[str] | None = None,
+        speaker: str | Sequence[str] | None = None,
+        face_visible: bool | None = None,
+        where: str | None = None,
+        columns: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> pa.Table:
+        """Rows matching every given condition, as Arrow (`.to_pandas()` for pandas)."""
+        condition = build_filter(
+            where, emotion=emotion, sentiment=sentiment, split=split, speaker=speaker, face_visible=face_visible
+        )
+        return self._utterances().to_table(
+            columns=list(columns) if columns else None, filter=condition, limit=limit
+        )
+
+    def torch_dataset(
+        self, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, **query: Any
+    ) -> "StoreDataset":
+        """A torch IterableDataset over `query(**query)` rows, shuffled and sharded by rank."""
+        from featurestore.torch_dataset import StoreDataset
+
+        columns = query.get("columns")
+        if columns and "key" not in columns:
+            query["columns"] = ["key", *columns]
+        return StoreDataset(self.query(**query), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+
+    def keys(self, where: str | None = None) -> set[str]:
+        """Keys present (e.g. to skip finished work in a re-run)."""
+        return set(self._utterances().to_table(columns=["key"], filter=where).column("key").to_pylist())
+
+    def failures(self, where: str | None = None) -> pa.Table:
+        return self._failures().to_table(filter=where)
+
+    def vector_of(self, key: str, column: str = "fused_emb") -> np.ndarray:
+        table = self._utterances().to_table(columns=[column], filter=build_filter(key=key))
+        if table.num_rows == 0:
+            raise KeyError(f"no utterance {key!r} in the store")
+        vector = table.column(column)[0].as_py()
+        if vector is None:
+            raise ValueError(f"{key} has no {column} (its clip was missing or failed)")
+        return np.asarray(vector, dtype=np.float32)
+
+    def similar(
+        self,
+        query: str | Sequence[float] | np.ndarray,
+        k: int = 10,
+        *,
+        column: str = "fused_emb",
+        where: str | None = None,
+        columns: Sequence[str] = ("key", "split", "speaker", "emotion", "sentiment", "text"),
+        use_index: bool | None = None,
+        nprobes: int = 32,
+        refine_factor: int = 20,
+    ) -> pa.Table:
+        """Nearest neighbours by cosine distance (`_distance`), prefiltered by `where`.
+
+        `query` is a key (that row is left out of the answer) or a vector. Exact search unless the
+        column has a vector index (`use_index=None` uses it when present); the index is queried with
+        `nprobes` partitions and its candidates re-ranked exactly (`refine_factor`).
+        """
+        if column not in EMBEDDING_COLUMNS:
+            raise ValueError(f"{column!r} is not an embedding column ({', '.join(EMBEDDING_COLUMNS)})")
+        exclude = None
+        if isinstance(query, str):
+            exclude, query = query, self.vector_of(query, column)
+        vector = np.asarray(query, dtype=np.float32)
+        dataset = self._utterances()
+        if use_index is None:
+            use_index = self.has_vector_index(column)
+        condition = build_filter(
+            f"{column} IS NOT NULL" + (f" AND ({where})" if where else "")
+            + (f" AND key != {sql_literal(exclude)}" if exclude else "")
+        )
+        nearest: dict[str, Any] = dict(column=column, q=vector, k=k, metric="cosine", use_index=use_index)
+        if use_index:
+            nearest.update(nprobes=nprobes, refine_factor=refine_factor)
+        return dataset.to_table(columns=[*columns, "_distance"], filter=condition, prefilter=True, nearest=nearest)
+
+    def has_vector_index(self, column: str = "fused_emb") -> bool:
+        return any(
+            column in idx.get("fields", []) and "IVF" in str(idx.get("type", "")).upper()
+            for idx in self._indices()
+        )
+
+    def _indices(self) -> list[dict]:
+        try:
+            return [
+                {"name": d.name, "fields": list(d.field_names), "type": d.index_type}
+                for d in self._utterances().describe_indices()
+            ]
+        except (AttributeError, TypeError):
+            return list(self._utterances().list_indices())
+
+    def stats(self) -> StoreStats:
+        dataset = self._utterances()
+        table = dataset.to_table(columns=["split", "emotion", "face_visible"])
+        by_split_emotion: dict[str, Counter] = {}
+        face_visible: dict[str, Counter] = {}
+        for split, emotion, visible in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            by_split_emotion.setdefault(split, Counter())[emotion] += 1
+            state = "unknown" if visible is None else ("visible" if visible else "not_visible")
+            face_visible.setdefault(split, Counter())[state] += 1
+        with_embeddings = {
+            c: dataset.count_rows(filter=f"{c} IS NOT NULL") for c in EMBEDDING_COLUMNS
+        }
+        failures = self._failures().to_table(columns=["stage", "reason"])
+        return StoreStats(
+            version=dataset.version,
+            rows=table.num_rows,
+            by_split_emotion=by_split_emotion,
+            face_visible=face_visible,
+            with_embeddings=with_embeddings,
+            failures=Counter(zip(failures.column("stage").to_pylist(), failures.column("reason").to_pylist())),
+        )
+
+    # ---- versions, tags, indexes ----------------------------------------------------------------
+    def versions(self) -> list[dict]:
+        """Every version of the utterances table: number, timestamp, rows, tags."""
+        dataset = self._dataset(UTTERANCES)
+        tags_by_version: dict[int, list[str]] = {}
+        for name, info in self.tags().items():
+            tags_by_version.setdefault(info, []).append(name)
+        return [
+            dict(
+                version=v["version"],
+                timestamp=v["timestamp"],
+                rows=self._dataset(UTTERANCES, v["version"]).count_rows(),
+                tags=sorted(tags_by_version.get(v["version"], [])),
+            )
+            for v in dataset.versions()
+        ]
+
+    def tags(self) -> dict[str, int]:
+        return {name: info["version"] for name, info in self._dataset(UTTERANCES).tags.list().items()}
+
+    def tag(self, name: str, version: int | None = None) -> int:
+        """Tag a version (default: the current one), e.g. the version a training run read."""
+        self._writable()
+        dataset = self._dataset(UTTERANCES)
+        version = version or dataset.version
+        if name in self.tags():
+            dataset.tags.update(name, version)
+        else:
+            dataset.tags.create(name, version)
+        return version
+
+    def create_indexes(
+        self, *, scalar: bool = True, vectors: bool = False, column: str = "fused_emb",
+        num_partitions: int | None = None, num_sub_vectors: int | None = None,
+    ) -> list[str]:  # fmt: skip
+        """BITMAP indexes on emotion/sentiment/split; with `vectors`, an IVF_PQ index (cosine)."""
+        self._writable()
+        dataset = self._dataset(UTTERANCES)
+        built = []
+        if scalar:
+            for name in SCALAR_INDEX_COLUMNS:
+                dataset.create_scalar_index(name, index_type="BITMAP", replace=True)
+                built.append(f"{name}: BITMAP")
+        if vectors:
+            rows = dataset.count_rows(filter=f"{column} IS NOT NULL")
+            if rows < 256:
+                raise StoreError(f"an IVF_PQ index needs at least 256 rows with {column}; the store has {rows}")
+            dim = dataset.schema.field(column).type.list_size
+            num_partitions = num_partitions or max(1, min(256, int(np.sqrt(rows))))
+            num_sub_vectors = num_sub_vectors or next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
+            dataset.create_index(
+                column, index_type="IVF_PQ", metric="cosine", num_partitions=num_partitions,
+                num_sub_vectors=num_sub_vectors, replace=True,
+            )  # fmt: skip
+            built.append(f"{column}: IVF_PQ cosine, {num_partitions} partitions, {num_sub_vectors} sub-vectors")
+        return built
+
+    def lance_dataset(self, table: str = UTTERANCES) -> lance.LanceDataset:
+        """The underlying Lance dataset, for other readers (DuckDB, Polars, LanceDB, lance.torch)."""
+        return self._utterances() if table == UTTERANCES else self._dataset(table)
+
+
+def _loose_table(rows: list[dict]) -> pa.Table:
+    """Rows as Arrow without forcing embedding widths, so a wrong width is a rejection, not a crash."""
+    table = pa.Table.from_pylist(rows)
+    for column in EMBEDDING_COLUMNS:
+        if column in table.column_names and pa.types.is_null(table.column(column).type):
+            table = table.set_column(
+                table.column_names.index(column), column, pa.nulls(table.num_rows, pa.list_(pa.float32()))
+            )
+    return table
