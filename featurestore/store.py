@@ -325,7 +325,7 @@ class Store:
         where: str | None = None,
         columns: Sequence[str] = ("key", "split", "speaker", "emotion", "sentiment", "text"),
         use_index: bool | None = None,
-        nprobes: int = 32,
+        nprobes: int = 64,
         refine_factor: int = 20,
     ) -> pa.Table:
         """Nearest neighbours by cosine distance (`_distance`), prefiltered by `where`.
@@ -343,14 +343,19 @@ class Store:
         dataset = self._utterances()
         if use_index is None:
             use_index = self.has_vector_index(column)
-        condition = build_filter(
-            f"{column} IS NOT NULL" + (f" AND ({where})" if where else "")
-            + (f" AND key != {sql_literal(exclude)}" if exclude else "")
-        )
-        nearest: dict[str, Any] = dict(column=column, q=vector, k=k, metric="cosine", use_index=use_index)
+        # Lance skips null vectors itself; a `column IS NOT NULL` filter would read every vector.
+        # The query key is dropped from k + 1 answers rather than filtered (a filter forces a prefilter).
+        nearest: dict[str, Any] = dict(column=column, q=vector, k=k + bool(exclude), metric="cosine", use_index=use_index)
         if use_index:
-            nearest.update(nprobes=nprobes, refine_factor=refine_factor)
-        return dataset.to_table(columns=[*columns, "_distance"], filter=condition, prefilter=True, nearest=nearest)
+            nearest.update(nprobes=nprobes)
+            if refine_factor:
+                nearest["refine_factor"] = refine_factor
+        table = dataset.to_table(
+            columns=[*columns, "_distance"], filter=where or None, prefilter=bool(where), nearest=nearest
+        )
+        if exclude:
+            table = table.filter(pc.not_equal(table.column("key"), exclude)).slice(0, k)
+        return table
 
     def has_vector_index(self, column: str = "fused_emb") -> bool:
         return any(

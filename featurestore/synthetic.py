@@ -1,7 +1,9 @@
 """Synthetic store rows at any scale, for tests and benchmarks (vectorised: 150k rows in seconds).
 
-Embeddings cluster by emotion (a random centre per emotion plus noise), so that similarity search
-has structure to find, as real fused embeddings do.
+Embeddings have the shape real encoder outputs have: a centre per emotion plus a point on a
+low-dimensional manifold (a 16-d latent mapped linearly into the embedding space) plus a little
+isotropic noise. Pure high-dimensional noise would make every neighbour equally far, a case no
+real embedding (and no approximate index) faces.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ def synthetic_utterances(n: int, dim: int, seed: int = 0, start: int = 0, modali
     ids = np.arange(start, start + n)
     split = np.array(SPLITS)[rng.choice(3, size=n, p=[0.73, 0.08, 0.19])]
     emotion_idx = rng.choice(len(EMOTIONS), size=n, p=_EMOTION_P / _EMOTION_P.sum())
-    centres = np.random.default_rng(12345).normal(size=(len(EMOTIONS), dim)).astype(np.float32)
+    shared = np.random.default_rng(12345)  # the same embedding space for every call
+    centres = shared.normal(size=(len(EMOTIONS), dim)).astype(np.float32) / np.sqrt(dim)
+    mixing = shared.normal(size=(16, dim)).astype(np.float32) / np.sqrt(dim)
 
     def unit(noise: float) -> np.ndarray:
-        m = centres[emotion_idx] + noise * rng.normal(size=(n, dim)).astype(np.float32)
+        latent = rng.normal(size=(n, 16)).astype(np.float32)
+        m = centres[emotion_idx] + 0.5 * latent @ mixing + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
         return m / np.linalg.norm(m, axis=1, keepdims=True)
 
     columns = {
@@ -41,9 +46,9 @@ def synthetic_utterances(n: int, dim: int, seed: int = 0, start: int = 0, modali
         "emotion": pa.array(np.array(EMOTIONS)[emotion_idx]),
         "sentiment": pa.array(np.array(SENTIMENTS)[rng.integers(3, size=n)]),
         "face_visible": pa.array(rng.random(n) < 0.9),
-        "fused_emb": _fixed(unit(2.0)),
+        "fused_emb": _fixed(unit(0.3)),
     }
     if modalities:
-        columns["audio_emb"] = _fixed(unit(3.0))
-        columns["vision_emb"] = _fixed(unit(3.0))
+        columns["audio_emb"] = _fixed(unit(0.5))
+        columns["vision_emb"] = _fixed(unit(0.5))
     return pa.table(columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,9 +18,12 @@ app = typer.Typer(help="merg: multimodal empathetic response generation on MELD.
 data_app = typer.Typer(help="Generate and inspect MELD-layout datasets.", no_args_is_help=True)
 models_app = typer.Typer(help="Prepare and locate models (local checkpoints, embedded defaults).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+store_app = typer.Typer(help="Inspect and query the Lance feature store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(store_app, name="store")
 
-out = Console()
+# Logs and pipes get wide tables rather than rich's 80-column default for non-terminals.
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (configs/...).")]
 SetOpt = Annotated[
@@ -101,7 +105,8 @@ def data_summary(
     summary = summarize(readings, probe=probe)
 
     labels = list(EMOTIONS) + sorted({e for c in summary.emotions.values() for e in c} - set(EMOTIONS))
-    table = Table(title=f"MELD at {meld_root}: utterances per split x emotion")
+    out.print(f"MELD at {meld_root}")
+    table = Table(title="utterances per split x emotion")
     table.add_column("split")
     for label in labels + ["total"]:
         table.add_column(label, justify="right")
@@ -130,6 +135,236 @@ def models_fetch(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     cfg = _config(config, overrides)
     out.print(f"LLM: {fetch_embedded_llm(cfg.paths.model_cache)}")
     out.print(f"BERTScore model: {resolve_bertscore_model()}")
+
+
+@app.command()
+def preprocess(
+    meld_root: Annotated[Optional[Path], typer.Option(help="MELD root (default: synth.out).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N utterances per split.")] = None,
+    no_media: Annotated[Optional[bool], typer.Option("--no-media", help="Text and labels only.")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Recompute finished keys.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto.")] = None,
+    encoder_gpus: Annotated[Optional[float], typer.Option(help="GPUs per encoder actor (0: CPU).")] = None,
+    encoder_actors: Annotated[Optional[int], typer.Option(help="Encoder actors.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Clips per encoder call.")] = None,
+    imagebind_checkpoint: Annotated[Optional[Path], typer.Option(help="Path to imagebind_huge.pth.")] = None,
+    fusion: Annotated[Optional[str], typer.Option(help="mean_l2 | sum_raw | concat.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run the preprocessing job: MELD -> decode -> ImageBind -> fuse -> feature store (Ray Data)."""
+    from pipelines.job import run_preprocess
+
+    cfg = _config(
+        config, overrides, preprocess__meld_root=meld_root, paths__store=store,
+        preprocess__splits=f"[{splits}]" if splits else None, preprocess__limit=limit,
+        preprocess__no_media=no_media, preprocess__force=force, preprocess__ray_address=ray_address,
+        preprocess__encoder_gpus=encoder_gpus, preprocess__encoder_actors=encoder_actors,
+        preprocess__batch_size=batch_size, preprocess__imagebind_checkpoint=imagebind_checkpoint,
+        preprocess__fusion=fusion,
+    )  # fmt: skip
+    report = run_preprocess(cfg)
+    if report.encoder_checkpoint.startswith("random-init"):
+        out.print(f"[yellow]note:[/yellow] {report.encoder} ran with seeded random weights ({report.encoder_checkpoint}); "
+                  "pass --imagebind-checkpoint imagebind_huge.pth for real embeddings")  # fmt: skip
+    table = Table(title=f"preprocessing done in {report.seconds:.1f} s -> {report.store} (version {report.store_version})")
+    table.add_column("utterances")
+    table.add_column("count", justify="right")
+    processed = report.total - report.skipped
+    for label, n in (("in manifest", report.total), ("skipped (already stored)", report.skipped),
+                     ("written text-only", report.text_only), ("written with embeddings", report.embedded)):  # fmt: skip
+        table.add_row(label, str(n))
+    out.print(table)
+    if report.media_seconds and processed:
+        out.print(f"throughput: {(processed - report.text_only) / report.media_seconds:.2f} clips/s")
+    if report.failures:
+        failures = Table(title="failures this run")
+        for column in ("stage", "reason", "count"):
+            failures.add_column(column)
+        for (stage, reason), n in sorted(report.failures.items()):
+            failures.add_row(stage, reason, str(n))
+        out.print(failures)
+    out.print(f"encoder {report.encoder} ({report.encoder_checkpoint}), fusion {report.fusion}, config {report.config_hash}")
+
+
+# ---- merg store ------------------------------------------------------------------------------------
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store folder (default: paths.store).")]
+VersionOpt = Annotated[Optional[str], typer.Option("--version", help="Read at a version number or tag.")]
+
+
+def _open_store(store: Path | None, version: str | None = None, config: Path | None = None):
+    from featurestore import Store, StoreError
+
+    root = store or _config(config, None).paths.store
+    pinned = int(version) if version and version.isdigit() else version
+    try:
+        return Store.open(root, version=pinned)
+    except (StoreError, FileNotFoundError) as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _print_table(table, title: str, max_width: int = 60) -> None:
+    """An Arrow table as a rich table; embedding columns are shown by their width only."""
+    import pyarrow as pa
+
+    view = Table(title=title)
+    for name in table.column_names:
+        view.add_column(name, overflow="fold", max_width=max_width)
+    for row in table.to_pylist():
+        cells = []
+        for name in table.column_names:
+            value = row[name]
+            if isinstance(value, list) and pa.types.is_fixed_size_list(table.schema.field(name).type):
+                value = f"<{len(value)} floats>"
+            elif isinstance(value, float):
+                value = f"{value:.4f}"
+            cells.append("" if value is None else str(value))
+        view.add_row(*cells)
+    out.print(view)
+
+
+@store_app.command("stats")
+def store_stats(store: StoreOpt = None, version: VersionOpt = None) -> None:
+    """Counts per split x emotion, face-visible counts, embeddings present, failures by stage and reason."""
+    from featurestore.schema import EMOTIONS
+
+    stats = _open_store(store, version).stats()
+    table = Table(title=f"store version {stats.version}: {stats.rows} utterances")
+    table.add_column("split")
+    for label in (*EMOTIONS, "total", "face visible", "no face", "unknown"):
+        table.add_column(label, justify="right")
+    for split, counts in sorted(stats.by_split_emotion.items()):
+        faces = stats.face_visible.get(split, {})
+        table.add_row(
+            split, *(str(counts.get(e, 0)) for e in EMOTIONS), str(sum(counts.values())),
+            str(faces.get("visible", 0)), str(faces.get("not_visible", 0)), str(faces.get("unknown", 0)),
+        )  # fmt: skip
+    out.print(table)
+    out.print("embeddings: " + ", ".join(f"{c} {n}" for c, n in stats.with_embeddings.items()))
+    if stats.failures:
+        failures = Table(title="failures")
+        for column in ("stage", "reason", "keys"):
+            failures.add_column(column, justify="right" if column == "keys" else "left")
+        for (stage, reason), n in stats.failures.most_common():
+            failures.add_row(stage, reason, str(n))
+        out.print(failures)
+
+
+@store_app.command("query")
+def store_query(
+    emotion: Annotated[Optional[str], typer.Option(help="Emotion(s), comma-separated.")] = None,
+    sentiment: Annotated[Optional[str], typer.Option(help="Sentiment(s), comma-separated.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split(s), comma-separated.")] = None,
+    speaker: Annotated[Optional[str], typer.Option(help="Speaker(s), comma-separated.")] = None,
+    face_visible: Annotated[Optional[bool], typer.Option("--face-visible/--no-face-visible")] = None,
+    where: Annotated[Optional[str], typer.Option(help="Extra SQL filter, e.g. \"duration > 2\".")] = None,
+    columns: Annotated[str, typer.Option(help="Columns to show.")] = "key,speaker,emotion,sentiment,text",
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 20,
+    store: StoreOpt = None,
+    version: VersionOpt = None,
+) -> None:
+    """Utterances by emotion / sentiment / split / speaker / face visibility / SQL."""
+    handle = _open_store(store, version)
+    table = handle.query(
+        emotion=_split_list(emotion), sentiment=_split_list(sentiment), split=_split_list(split),
+        speaker=_split_list(speaker), face_visible=face_visible, where=where, columns=_split_list(columns),
+    )  # fmt: skip
+    _print_table(table.slice(0, limit), f"{table.num_rows} matching utterances (showing {min(limit, table.num_rows)})")
+
+
+@store_app.command("similar")
+def store_similar(
+    key: Annotated[str, typer.Argument(help="Utterance key, e.g. test/dia3_utt1.")],
+    k: Annotated[int, typer.Option("--k", help="Neighbours.")] = 10,
+    where: Annotated[Optional[str], typer.Option(help="Prefilter, e.g. \"split = 'train'\".")] = None,
+    column: Annotated[str, typer.Option(help="Embedding column.")] = "fused_emb",
+    exact: Annotated[bool, typer.Option("--exact", help="Ignore a vector index.")] = False,
+    store: StoreOpt = None,
+    version: VersionOpt = None,
+) -> None:
+    """Nearest utterances to KEY by cosine distance (exact, or the IVF_PQ index when built)."""
+    handle = _open_store(store, version)
+    try:
+        table = handle.similar(key, k=k, where=where, column=column, use_index=False if exact else None)
+    except (KeyError, ValueError) as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print_table(table, f"{k} nearest to {key} by {column}")
+
+
+@store_app.command("versions")
+def store_versions(store: StoreOpt = None) -> None:
+    """Every version of the store with its time, rows and tags."""
+    table = Table(title="store versions")
+    for column in ("version", "timestamp", "rows", "tags"):
+        table.add_column(column)
+    for v in _open_store(store).versions():
+        table.add_row(str(v["version"]), str(v["timestamp"]), str(v["rows"]), ", ".join(v["tags"]))
+    out.print(table)
+
+
+@store_app.command("tag")
+def store_tag(
+    name: Annotated[str, typer.Argument(help="Tag name.")],
+    at: Annotated[Optional[int], typer.Option("--at", help="Version to tag (default: latest).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Tag a version of the store (training runs tag the version they read)."""
+    out.print(f"tagged version {_open_store(store).tag(name, at)} as {name!r}")
+
+
+@store_app.command("index")
+def store_index(
+    vectors: Annotated[bool, typer.Option("--vectors", help="Also build an IVF_PQ index.")] = False,
+    column: Annotated[str, typer.Option(help="Embedding column for --vectors.")] = "fused_emb",
+    store: StoreOpt = None,
+) -> None:
+    """Build BITMAP indexes on emotion, sentiment, split (and with --vectors an IVF_PQ vector index)."""
+    from featurestore import StoreError
+
+    try:
+        built = _open_store(store).create_indexes(scalar=True, vectors=vectors, column=column)
+    except StoreError as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    for line in built:
+        out.print(f"built {line}")
+
+
+@store_app.command("export")
+def store_export(
+    out_file: Annotated[Path, typer.Option("--out", help="Output file (.parquet or .csv).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet or csv (default: from --out).")] = None,
+    emotion: Annotated[Optional[str], typer.Option(help="Emotion(s), comma-separated.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split(s), comma-separated.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="Extra SQL filter.")] = None,
+    store: StoreOpt = None,
+    version: VersionOpt = None,
+) -> None:
+    """Write (filtered) utterances to Parquet (everything) or CSV (without the list columns)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fmt = (fmt or out_file.suffix.lstrip(".")).lower()
+    if fmt not in ("parquet", "csv"):
+        raise typer.BadParameter(f"unknown format {fmt!r}: use parquet or csv")
+    table = _open_store(store, version).query(emotion=_split_list(emotion), split=_split_list(split), where=where)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        pq.write_table(table, out_file)
+    else:
+        lists = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+        pacsv.write_csv(table.drop_columns(lists), out_file)
+        out.print(f"CSV cannot hold vectors: left out {', '.join(lists)} (use Parquet for them)")
+    out.print(f"wrote {table.num_rows} rows to {out_file}")
 
 
 if __name__ == "__main__":

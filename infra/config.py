@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,9 +74,31 @@ class SynthConfig(_Section):
         return value
 
 
+class PreprocessConfig(_Section):
+    """The preprocessing job (`merg preprocess`): MELD -> decode -> ImageBind -> fuse -> store."""
+
+    meld_root: Path | None = Field(None, description="MELD root (CSVs + clip folders); default synth.out")
+    splits: list[Literal["train", "dev", "test"]] = ["train", "dev", "test"]
+    limit: int | None = Field(None, ge=1, description="first N utterances per split (smoke runs)")
+    no_media: bool = Field(False, description="ingest text and labels only, no clips")
+    force: bool = Field(False, description="recompute keys already stored with the same clip and config")
+    ray_address: str | None = Field(None, description="existing Ray cluster, e.g. auto; default: local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")
+    encoder_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor; 0 = CPU actors")
+    encoder_actors: int = Field(1, ge=1, description="encoder actors in the pool")
+    batch_size: int = Field(8, ge=1, description="clips per encoder call")
+    write_batch: int = Field(64, ge=1, description="rows per store commit")
+    imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
+    imagebind_size: Literal["small", "huge"] | None = None
+    fusion: Literal["mean_l2", "sum_raw", "concat"] = "mean_l2"
+    detect_face: bool = True
+    seed: int = 0
+
+
 class MergConfig(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
     def fingerprint(self) -> str:
         """Short hash of the full config, recorded in every artifact's provenance."""

@@ -34,3 +34,20 @@ def configure_logging(verbose: bool = False) -> None:
     )
     for noisy in ("filelock", "urllib3", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a Ray cluster (`address`, e.g. "auto") or start a local one; once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    configure_offline()
+    kwargs: dict = dict(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    if address is None:
+        kwargs["num_cpus"] = num_cpus
+    # Workers inherit the offline settings; the project root goes with them so that stages import.
+    ray.init(**kwargs, runtime_env={"env_vars": {**OFFLINE_ENV}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the job shows its own bar

@@ -1,0 +1,264 @@
+"""ImageBind audio and vision encoders: the official model code, the official preprocessing recipe.
+
+Model code comes from `imagebind-unofficial` (facebookresearch's ImageBind, packaged). Its package
+`__init__` imports `imagebind.data`, which needs pytorchvideo (broken with current torchvision), so
+the model module is imported with that `__init__` bypassed. Preprocessing is written here to match
+`imagebind.data` without importing it:
+
+- audio: 16 kHz mono, 3 clips of 2 s spread uniformly over the utterance, kaldi fbank with 128 mel
+  bins (25 ms window, 10 ms shift, hanning, htk_compat, dither 0), padded/cut to 204 frames,
+  normalised with mean -4.268 and std 9.138;
+- vision: 5 clips of 2 s spread the same way, 2 frames per clip (the first and last of the window),
+  short side scaled to 224, CLIP mean/std, 3 spatial crops of 224 (left, centre, right).
+
+Shorter utterances than 2 s (common in MELD) get windows that start at 0 and run past the end,
+exactly as the official sampler does; the real duration is recorded by the job.
+
+Without a checkpoint the same architecture is built at a small size with seeded random weights,
+and its provenance says `random-init:<seed>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import sys
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+AUDIO_CLIPS, VIDEO_CLIPS, CLIP_SECONDS = 3, 5, 2.0
+FRAMES_PER_CLIP, SPATIAL_CROPS, IMAGE_SIZE = 2, 3, 224
+MEL_BINS, TARGET_FRAMES = 128, 204
+AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+AUDIO_LOGIT_SCALE = 20.0  # ImageBind's audio postprocessor multiplies the unit vector by 20
+HUGE_TENSORS = 1311  # entries in imagebind_huge.pth
+
+
+@dataclass(frozen=True)
+class ImageBindSize:
+    """Widths and depths of the ImageBind architecture (the six modality trunks)."""
+
+    out_embed_dim: int
+    vision_embed_dim: int
+    vision_num_blocks: int
+    vision_num_heads: int
+    audio_embed_dim: int
+    audio_num_blocks: int
+    audio_num_heads: int
+    text_embed_dim: int
+    text_num_blocks: int
+    text_num_heads: int
+    depth_embed_dim: int = 384
+    depth_num_blocks: int = 12
+    depth_num_heads: int = 8
+    thermal_embed_dim: int = 768
+    thermal_num_blocks: int = 12
+    thermal_num_heads: int = 12
+    imu_embed_dim: int = 512
+    imu_num_blocks: int = 6
+    imu_num_heads: int = 8
+
+
+SIZES = {
+    "huge": ImageBindSize(1024, 1280, 32, 16, 768, 12, 12, 1024, 24, 16),
+    # The default without a checkpoint: same architecture, small enough for a 2-core CPU.
+    "small": ImageBindSize(128, 96, 2, 4, 96, 2, 4, 64, 1, 4, 32, 1, 4, 32, 1, 4, 32, 1, 4),
+}
+
+
+def resolve_size(checkpoint: str | Path | None, size: str | None) -> str:
+    """A checkpoint means the huge model unless a size is named; no checkpoint means small."""
+    return size or ("huge" if checkpoint else "small")
+
+
+def checkpoint_id(checkpoint: str | Path | None, seed: int) -> str:
+    """Provenance of the weights: the checkpoint's sha256, or `random-init:<seed>`."""
+    return file_sha256(Path(checkpoint)) if checkpoint else f"random-init:{seed}"
+
+
+def _imagebind_model_module():
+    """Import imagebind.models.imagebind_model without running the package's __init__."""
+    if "imagebind.models.imagebind_model" in sys.modules:
+        return sys.modules["imagebind.models.imagebind_model"]
+    spec = importlib.util.find_spec("imagebind")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("imagebind-unofficial is not installed (run `make install`)")
+    if "imagebind" not in sys.modules:
+        package = types.ModuleType("imagebind")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["imagebind"] = package
+    from imagebind.models import imagebind_model
+
+    return imagebind_model
+
+
+def build_model(size: ImageBindSize) -> torch.nn.Module:
+    module = _imagebind_model_module()
+    return module.ImageBindModel(video_frames=FRAMES_PER_CLIP, **asdict(size))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path | str) -> None:
+    """Load a state dict strictly: every key, every shape, or a CheckpointMismatch naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageBind checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        def show(keys, with_shapes=False):
+            items = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" if with_shapes else k for k in keys[:5]]
+            return ", ".join(items) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        raise CheckpointMismatch(
+            f"{path} does not fit ImageBind ({len(expected)} tensors): "
+            + "; ".join(
+                part for part in (
+                    f"{len(missing)} missing: {show(missing)}" if missing else "",
+                    f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                    f"{len(wrong)} of the wrong shape: {show(wrong, True)}" if wrong else "",
+                ) if part
+            )  # fmt: skip
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# ---- preprocessing (CPU) ---------------------------------------------------------------------------
+def clip_windows(duration: float, clips: int, clip_seconds: float = CLIP_SECONDS) -> list[tuple[float, float]]:
+    """pytorchvideo's ConstantClipsPerVideoSampler: `clips` windows spread uniformly."""
+    last_start = max(duration - clip_seconds, 0.0)
+    step = last_start / max(clips - 1, 1)
+    return [(i * step, i * step + clip_seconds) for i in range(clips)]
+
+
+def audio_features(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """16 kHz mono waveform -> normalised fbank clips, float32 [3, 1, 128, 204]."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    if sample_rate != SAMPLE_RATE:
+        raise ValueError(f"audio must be resampled to {SAMPLE_RATE} Hz first (got {sample_rate})")
+    wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
+    clips = []
+    for start, end in clip_windows(wave.shape[1] / sample_rate, AUDIO_CLIPS):
+        segment = wave[:, int(start * sample_rate) : int(end * sample_rate)]
+        segment = segment - segment.mean()
+        fbank = kaldi.fbank(
+            segment, htk_compat=True, sample_frequency=sample_rate, use_energy=False, window_type="hanning",
+            num_mel_bins=MEL_BINS, dither=0.0, frame_length=25, frame_shift=10,
+        ).transpose(0, 1)  # fmt: skip
+        pad = TARGET_FRAMES - fbank.shape[1]
+        fbank = F.pad(fbank, (0, pad)) if pad > 0 else fbank[:, :TARGET_FRAMES]
+        clips.append(((fbank - AUDIO_MEAN) / AUDIO_STD).unsqueeze(0))
+    return torch.stack(clips).numpy()
+
+
+def video_frame_indices(n_frames: int, fps: float) -> np.ndarray:
+    """Frame indices [5 clips, 2 frames]: the first and last frame inside each 2 s window."""
+    duration = n_frames / fps
+    out = np.zeros((VIDEO_CLIPS, FRAMES_PER_CLIP), dtype=np.int64)
+    for c, (start, end) in enumerate(clip_windows(duration, VIDEO_CLIPS)):
+        first = min(int(np.ceil(start * fps - 1e-6)), n_frames - 1)
+        last = max(first, min(int(np.ceil(end * fps - 1e-6)) - 1, n_frames - 1))
+        out[c] = np.round(np.linspace(first, last, FRAMES_PER_CLIP)).astype(np.int64)
+    return out
+
+
+def short_side_resize(frames: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 frames [..., H, W, 3] -> short side `size` (bilinear, as ShortSideScale)."""
+    lead, (h, w, c) = frames.shape[:-3], frames.shape[-3:]
+    if min(h, w) == size:
+        return frames
+    # pytorchvideo's ShortSideScale arithmetic (w / h * size, floored): a square stays square.
+    new_h, new_w = (size, int(np.floor(w / h * size))) if h <= w else (int(np.floor(h / w * size)), size)
+    x = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1, h, w, c))).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().reshape(*lead, new_h, new_w, c)
+
+
+def vision_inputs(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [clips, 2, H, W, 3] (short side 224) -> [clips * crops, 3, 2, 224, 224], CLIP-normalised.
+
+    Three spatial crops per clip as in the official recipe; when the frames are already square the
+    three crops are the same pixels, so one is kept (their embeddings' mean is that embedding).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)  # S, T, H, W, C
+    x = x.permute(0, 4, 1, 2, 3)  # S, C, T, H, W
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
+    x = (x - mean) / std
+    h, w = x.shape[-2:]
+    if h == w == IMAGE_SIZE:
+        return x
+    crops = []
+    for index in range(SPATIAL_CROPS):  # pytorchvideo uniform_crop: 0 = left/top, 1 = centre, 2 = right/bottom
+        if w >= h:
+            x0 = {0: 0, 1: (w - IMAGE_SIZE) // 2, 2: w - IMAGE_SIZE}[index]
+            y0 = (h - IMAGE_SIZE) // 2
+        else:
+            y0 = {0: 0, 1: (h - IMAGE_SIZE) // 2, 2: h - IMAGE_SIZE}[index]
+            x0 = (w - IMAGE_SIZE) // 2
+        crops.append(x[..., y0 : y0 + IMAGE_SIZE, x0 : x0 + IMAGE_SIZE])
+    return torch.stack(crops, dim=1).flatten(0, 1)
+
+
+# ---- the encoder (an actor in the job) ---------------------------------------------------------------
+class ImageBindEncoder:
+    """Holds the model; `encode_audio` / `encode_vision` take preprocessed batches.
+
+    Outputs are what ImageBind's heads produce: vision unit vectors, audio unit vectors x 20.
+    """
+
+    def __init__(self, checkpoint: str | None = None, size: str | None = None, seed: int = 0, device: str | None = None):
+        size = resolve_size(checkpoint, size)
+        if size not in SIZES:
+            raise ValueError(f"unknown ImageBind size {size!r}: {', '.join(SIZES)}")
+        torch.manual_seed(seed)
+        self.model = build_model(SIZES[size]).eval()
+        self.embed_dim = SIZES[size].out_embed_dim
+        self.name = f"imagebind-{size}"
+        if checkpoint:
+            load_checkpoint(self.model, checkpoint)
+        else:
+            log.warning("ImageBind (%s) has no checkpoint: seeded random weights (random-init:%d)", size, seed)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+
+    @torch.inference_mode()
+    def encode_audio(self, features: np.ndarray) -> np.ndarray:
+        """[B, 3, 1, 128, 204] -> [B, D]"""
+        x = torch.as_tensor(features, dtype=torch.float32, device=self.device)
+        return self.model({"audio": x})["audio"].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_vision(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [B, clips, 2, H, W, 3] -> [B, D]"""
+        x = torch.stack([vision_inputs(f) for f in frames]).to(self.device)
+        return self.model({"vision": x})["vision"].float().cpu().numpy()

@@ -1,0 +1,263 @@
+"""The preprocessing job: MELD -> decode -> ImageBind -> fuse -> feature store, on Ray Data.
+
+    read manifest  ->  decode (CPU tasks)  ->  ImageBind (actor pool, CPU or GPU)  ->  fuse  ->  write
+
+Every CSV utterance ends up as one store row; a clip that is missing or bad gets its row with null
+embeddings and a `failures` record saying why. Rows are committed in batches as results stream in,
+so a killed job keeps what it finished; a re-run skips keys already stored with the same clip hash
+and config hash (`force` recomputes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from featurestore import Store
+from infra.config import MergConfig, PreprocessConfig
+from infra.progress import progress_bar
+from pipelines.decode import decode_clip
+from pipelines.fusion import fuse, fused_width
+from pipelines.imagebind import (
+    AUDIO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, MEL_BINS, SIZES, TARGET_FRAMES, VIDEO_CLIPS,
+    ImageBindEncoder, checkpoint_id, file_sha256, resolve_size,
+)  # fmt: skip
+from pipelines.meld import Utterance, read_splits
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "1"
+_AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
+_FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+@dataclass
+class PreprocessReport:
+    store: Path
+    store_version: int
+    encoder: str
+    encoder_checkpoint: str
+    fusion: str
+    config_hash: str
+    total: int = 0
+    skipped: int = 0
+    embedded: int = 0  # rows written with at least one embedding
+    text_only: int = 0  # rows written without media (no clip, or --no-media)
+    failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count, this run
+    seconds: float = 0.0
+    media_seconds: float = 0.0
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+def decode_row(row: dict[str, Any], detect_face: bool = True) -> dict[str, Any]:
+    """CPU stage: one clip -> fixed-shape arrays plus flags (zeros where a modality is missing)."""
+    clip = decode_clip(row["key"], row["path"] or None, row["sha256"] or None, detect_face=detect_face)
+    stage, reason, detail = clip.failure or ("", "", "")
+    box = clip.speaker_box or (np.nan,) * 4
+    return {
+        "key": row["key"],
+        "duration": np.float32(clip.duration if clip.duration is not None else np.nan),
+        "fps": np.float32(clip.fps if clip.fps is not None else np.nan),
+        "has_audio_stream": clip.has_audio,
+        "has_audio_feat": clip.audio is not None,
+        "has_frames": clip.frames is not None,
+        "face_visible": -1 if clip.face_visible is None else int(clip.face_visible),
+        "speaker_box": np.asarray(box, np.float32),
+        "audio_feat": clip.audio if clip.audio is not None else np.zeros(_AUDIO_SHAPE, np.float32),
+        "frames": clip.frames if clip.frames is not None else np.zeros(_FRAMES_SHAPE, np.uint8),
+        "fail_stage": stage,
+        "fail_reason": reason,
+        "fail_detail": detail[:500],
+    }
+
+
+class ImageBindStage:
+    """Actor stage: holds ImageBind; embeds the rows that have audio features and/or frames."""
+
+    def __init__(self, checkpoint: str | None, size: str | None, seed: int):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # CPU actors share the machine with the decode tasks
+        self.encoder = ImageBindEncoder(checkpoint=checkpoint, size=size, seed=seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, dim = len(batch["key"]), self.encoder.embed_dim
+        audio, vision = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
+        if (rows := np.flatnonzero(batch["has_audio_feat"])).size:
+            audio[rows] = self.encoder.encode_audio(batch["audio_feat"][rows])
+        if (rows := np.flatnonzero(batch["has_frames"])).size:
+            vision[rows] = self.encoder.encode_vision(batch["frames"][rows])
+        out = {k: v for k, v in batch.items() if k not in ("audio_feat", "frames")}
+        out["audio_raw"], out["vision_raw"] = audio, vision
+        return out
+
+
+def fuse_batch(batch: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """CPU stage: normalised modalities and the fused vector."""
+    audio, vision, fused = fuse(batch["audio_raw"], batch["vision_raw"], batch["has_audio_feat"], batch["has_frames"], mode)
+    out = {k: v for k, v in batch.items() if k not in ("audio_raw", "vision_raw")}
+    out["audio_emb"], out["vision_emb"], out["fused_emb"] = audio, vision, fused
+    return out
+
+
+# ---- the job --------------------------------------------------------------------------------------
+def _metadata_row(u: Utterance, provenance: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        key=u.key, split=u.split, dialogue_id=u.dialogue_id, utterance_id=u.utterance_id, speaker=u.speaker,
+        text=u.text, emotion=u.emotion, sentiment=u.sentiment, season=u.season, episode=u.episode,
+        start_time=u.start_time, end_time=u.end_time, clip_path=str(u.clip_path) if u.clip_path else None,
+        **provenance,
+    )  # fmt: skip
+
+
+def _vectors(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
+    width = matrix.shape[1]
+    values = pa.array(matrix.reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(~present))
+
+
+def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[str, str]) -> pa.Table:
+    """Join a result batch with the utterances' metadata into store rows."""
+    keys = [str(k) for k in batch["key"]]
+    table = pa.Table.from_pylist([dict(meta[k], clip_sha256=sha[k]) for k in keys])
+    has_audio, has_frames = batch["has_audio_feat"].astype(bool), batch["has_frames"].astype(bool)
+    face = batch["face_visible"].astype(int)
+    box = batch["speaker_box"].astype(np.float32)
+    columns = {
+        "duration": pa.array(batch["duration"], pa.float32(), mask=np.isnan(batch["duration"])),
+        "fps": pa.array(batch["fps"], pa.float32(), mask=np.isnan(batch["fps"])),
+        "has_audio": pa.array(batch["has_audio_stream"].astype(bool)),
+        "face_visible": pa.array([None if f < 0 else bool(f) for f in face], pa.bool_()),
+        "speaker_box": _vectors(np.nan_to_num(box), ~np.isnan(box).any(axis=1)),
+        "audio_emb": _vectors(batch["audio_emb"], has_audio),
+        "vision_emb": _vectors(batch["vision_emb"], has_frames),
+        "fused_emb": _vectors(np.nan_to_num(batch["fused_emb"]), has_audio | has_frames),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
+def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
+    """What decides a row's embeddings: a change here means recompute."""
+    relevant = dict(encoder=encoder, weights=weights, fusion=pc.fusion, detect_face=pc.detect_face, pipeline=PIPELINE_VERSION)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hash_clips(records: list[Utterance]) -> dict[str, str]:
+    paths = {r.key: r.clip_path for r in records if r.clip_path is not None}
+    with ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
+        return dict(zip(paths, pool.map(file_sha256, paths.values())))
+
+
+def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> None:
+    result = store.write_utterances(rows)
+    for rejection in result.rejected:
+        report.failures[("store", rejection.reason)] += 1
+
+
+def run_preprocess(config: MergConfig) -> PreprocessReport:
+    """Run the preprocessing job described by `config.preprocess` into `config.paths.store`."""
+    started = time.perf_counter()
+    pc = config.preprocess
+    meld_root = pc.meld_root or config.synth.out
+
+    # read manifest
+    readings = read_splits(meld_root, pc.splits)
+    records = [r for reading in readings.values() for r in (reading.records[: pc.limit] if pc.limit else reading.records)]
+
+    size = resolve_size(pc.imagebind_checkpoint, pc.imagebind_size)
+    dim = SIZES[size].out_embed_dim
+    weights = checkpoint_id(pc.imagebind_checkpoint, pc.seed)
+    encoder = f"imagebind-{size}"
+    config_hash = _config_hash(pc, encoder, weights)
+    store = Store.open(config.paths.store, create=True, embedding_dim=dim, fused_dim=fused_width(pc.fusion, dim))
+    report = PreprocessReport(
+        store=Path(config.paths.store), store_version=store.version, encoder=encoder,
+        encoder_checkpoint=weights, fusion=pc.fusion, config_hash=config_hash, total=len(records),
+    )  # fmt: skip
+    provenance = dict(
+        encoder=encoder, encoder_checkpoint=weights, fusion=pc.fusion, pipeline_version=PIPELINE_VERSION,
+        config_hash=config_hash,
+    )  # fmt: skip
+    bad_rows = [(f"{split}/csv-line-{line}", "read", "bad_csv_row", why) for split, rd in readings.items() for line, why in rd.bad_rows]
+    store.record_failures([(k, s, r, d) for k, s, r, d in bad_rows])
+    report.failures.update(("read", "bad_csv_row") for _ in bad_rows)
+
+    # plan: what is already done with the same clip and config is skipped
+    media = [r for r in records if r.clip_path is not None and not pc.no_media]
+    text_only = [r for r in records if r.clip_path is None or pc.no_media]
+    sha = _hash_clips(media)
+    done = {} if pc.force else {
+        row["key"]: (row["clip_sha256"], row["config_hash"])
+        for row in store.query(columns=["key", "clip_sha256", "config_hash"]).to_pylist()
+    }  # fmt: skip
+    todo_text = [r for r in text_only if r.key not in done]
+    todo_media = [r for r in media if done.get(r.key) != (sha[r.key], config_hash)]
+    report.skipped = len(records) - len(todo_text) - len(todo_media)
+    meta = {r.key: _metadata_row(r, provenance) for r in todo_text + todo_media}
+
+    # text-only rows: metadata now, a failure record for clips that should have been there
+    for i in range(0, len(todo_text), pc.write_batch):
+        _write(store, [meta[r.key] for r in todo_text[i : i + pc.write_batch]], report)
+    missing = [(r.key, "read", "missing_file", "CSV row without a clip") for r in todo_text if r.clip_status == "missing"]
+    store.record_failures(missing)
+    report.failures.update(("read", "missing_file") for _ in missing)
+    report.text_only = len(todo_text)
+
+    if todo_media:
+        media_started = time.perf_counter()
+        _run_media(config, store, todo_media, meta, sha, report)
+        report.media_seconds = time.perf_counter() - media_started
+    report.store_version = store.version
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: dict, sha: dict, report: PreprocessReport) -> None:
+    import ray
+
+    from infra.runtime import init_ray
+
+    pc = config.preprocess
+    init_ray(pc.ray_address, num_cpus=pc.num_cpus)
+    items = [{"key": r.key, "path": str(r.clip_path), "sha256": sha[r.key]} for r in todo]
+    ds = (
+        ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+        .map(decode_row, fn_kwargs={"detect_face": pc.detect_face})
+        .map_batches(
+            ImageBindStage,
+            fn_constructor_kwargs=dict(
+                checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
+                size=pc.imagebind_size, seed=pc.seed,
+            ),
+            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, batch_size=pc.batch_size, batch_format="numpy",
+        )
+        .map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
+    )  # fmt: skip
+    with progress_bar("preprocessing clips", len(items)) as advance:
+        for batch in ds.iter_batches(batch_size=pc.write_batch, batch_format="numpy"):
+            _write(store, _media_rows(batch, meta, sha), report)
+            failed = [
+                (str(k), str(s), str(r), str(d))
+                for k, s, r, d in zip(batch["key"], batch["fail_stage"], batch["fail_reason"], batch["fail_detail"])
+                if r
+            ]
+            store.record_failures(failed)
+            report.failures.update((s, r) for _, s, r, _ in failed)
+            has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
+            report.embedded += int(has_any.sum())
+            fine = [str(k) for k, r in zip(batch["key"], batch["fail_reason"]) if not r]
+            store.clear_failures(fine)  # a clip that works now no longer counts as failed
+            advance(len(batch["key"]))
