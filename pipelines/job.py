@@ -37,6 +37,7 @@ from pipelines.meld import Utterance, read_splits
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "1"
+DECODE_MEMORY = 512 * 1024**2  # bytes per decode task: one clip's frames and audio, decoded
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 
@@ -235,14 +236,17 @@ def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: di
     items = [{"key": r.key, "path": str(r.clip_path), "sha256": sha[r.key]} for r in todo]
     ds = (
         ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-        .map(decode_row, fn_kwargs={"detect_face": pc.detect_face})
+        # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
+        # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
+        .map(decode_row, fn_kwargs={"detect_face": pc.detect_face}, num_cpus=1, memory=DECODE_MEMORY)
         .map_batches(
             ImageBindStage,
             fn_constructor_kwargs=dict(
                 checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
                 size=pc.imagebind_size, seed=pc.seed,
             ),
-            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, batch_size=pc.batch_size, batch_format="numpy",
+            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0 if pc.encoder_gpus else 1,
+            batch_size=pc.batch_size, batch_format="numpy",
         )
         .map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
     )  # fmt: skip

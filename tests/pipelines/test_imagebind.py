@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.imagebind import (
+    AUDIO_MEAN, AUDIO_STD, CLIP_MEAN, CLIP_STD, SIZES, CheckpointMismatch, ImageBindEncoder, audio_features,
+    build_model, clip_windows, load_checkpoint, short_side_resize, video_frame_indices, vision_inputs,
+)  # fmt: skip
+
+
+def test_clip_windows_follow_the_official_sampler():
+    # longer than 2 s: starts spread uniformly from 0 to duration - 2
+    assert clip_windows(6.0, 3) == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+    assert clip_windows(4.0, 5)[-1] == (2.0, 4.0)
+    # shorter than 2 s (common in MELD): every window starts at 0 and runs past the end
+    assert clip_windows(0.8, 3) == [(0.0, 2.0)] * 3
+
+
+def test_audio_features_shape_padding_and_normalisation():
+    rng = np.random.default_rng(0)
+    long = audio_features(rng.normal(scale=0.1, size=16_000 * 5).astype(np.float32))
+    assert long.shape == (3, 1, 128, 204) and long.dtype == np.float32
+    short = audio_features(rng.normal(scale=0.1, size=16_000 // 2).astype(np.float32))  # 0.5 s
+    assert short.shape == (3, 1, 128, 204)
+    # 0.5 s gives 48 fbank frames; the rest is zero-padded in fbank space, then normalised
+    pad_value = (0.0 - AUDIO_MEAN) / AUDIO_STD
+    np.testing.assert_allclose(short[0, 0, :, 48:], pad_value, rtol=1e-6)
+    assert not np.allclose(short[0, 0, :, :48], pad_value)
+    # 2 s of audio fills exactly 198 frames of 204 (25 ms window, 10 ms shift)
+    two = audio_features(rng.normal(scale=0.1, size=32_000).astype(np.float32))
+    np.testing.assert_allclose(two[0, 0, :, 198:], pad_value, rtol=1e-6)
+
+
+def test_audio_features_match_kaldi_fbank_by_hand():
+    import torchaudio.compliance.kaldi as kaldi
+
+    wave = np.sin(np.linspace(0, 2000, 16_000 * 3)).astype(np.float32)
+    features = audio_features(wave)
+    segment = torch.from_numpy(wave[:32_000]).reshape(1, -1)
+    fbank = kaldi.fbank(segment - segment.mean(), htk_compat=True, sample_frequency=16_000, use_energy=False,
+                        window_type="hanning", num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10)  # fmt: skip
+    expected = (fbank.T.numpy() - AUDIO_MEAN) / AUDIO_STD
+    np.testing.assert_allclose(features[0, 0, :, : expected.shape[1]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_video_frame_indices():
+    # 3 s at 25 fps: windows [0,2), [0.25,2.25), ... -> first and last frame inside each
+    indices = video_frame_indices(75, 25.0)
+    assert indices.shape == (5, 2)
+    assert indices[0].tolist() == [0, 49] and indices[-1].tolist() == [25, 74]
+    # shorter than 2 s: first and last frame of the clip
+    assert video_frame_indices(30, 30.0).tolist() == [[0, 29]] * 5
+
+
+def test_vision_inputs_normalisation_and_crops():
+    frames = np.full((5, 2, 224, 398, 3), 128, np.uint8)
+    x = vision_inputs(frames)
+    assert x.shape == (15, 3, 2, 224, 224)  # 5 clips x 3 spatial crops
+    expected = (128 / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    np.testing.assert_allclose(x[0, :, 0, 0, 0].numpy(), expected, rtol=1e-5)
+    ramp = np.tile(np.arange(398, dtype=np.uint8)[None, :, None], (224, 1, 3))
+    crops = vision_inputs(np.broadcast_to(ramp, (1, 2, 224, 398, 3)))
+    left, centre, right = (crops[i, 0, 0, 0, 0].item() for i in range(3))
+    assert left < centre < right  # left, centre, right crops of a wide frame
+    square = vision_inputs(np.zeros((5, 2, 224, 224, 3), np.uint8))
+    assert square.shape == (5, 3, 2, 224, 224)  # the 3 crops of a square frame are the same pixels
+
+
+def test_short_side_resize_keeps_squares_square():
+    assert short_side_resize(np.zeros((2, 284, 284, 3), np.uint8)).shape == (2, 224, 224, 3)
+    assert short_side_resize(np.zeros((1, 480, 854, 3), np.uint8)).shape == (1, 224, 398, 3)
+
+
+def _small_state(tmp_path, mutate=None, prefix=""):
+    state = build_model(SIZES["small"]).state_dict()
+    if mutate:
+        mutate(state)
+    path = tmp_path / "ckpt.pth"
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    return path
+
+
+def test_checkpoint_loads_strictly(tmp_path):
+    path = _small_state(tmp_path, prefix="module.")
+    model = build_model(SIZES["small"])
+    load_checkpoint(model, path)
+    reference = torch.load(path, weights_only=True)
+    key = next(iter(reference))
+    assert torch.equal(model.state_dict()[key.removeprefix("module.")], reference[key])
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.pop(next(iter(s))), "1 missing"),
+        (lambda s: s.__setitem__("extra.weight", torch.zeros(1)), "1 unexpected: extra.weight"),
+        (lambda s: s.__setitem__(next(iter(s)), torch.zeros(3, 3)), "1 of the wrong shape"),
+    ],
+)
+def test_checkpoint_mismatch_fails_loudly(tmp_path, mutate, message):
+    path = _small_state(tmp_path, mutate)
+    with pytest.raises(CheckpointMismatch, match=message):
+        load_checkpoint(build_model(SIZES["small"]), path)
+
+
+def test_huge_architecture_has_the_checkpoint_layout():
+    from pipelines.imagebind import HUGE_TENSORS
+
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device: no 4.8 GB allocation
+        model = build_model(SIZES["huge"])
+    assert len(model.state_dict()) == HUGE_TENSORS
+
+
+def test_encoder_outputs_imagebind_head_norms():
+    encoder = ImageBindEncoder(seed=0)
+    audio = encoder.encode_audio(np.zeros((2, 3, 1, 128, 204), np.float32))
+    vision = encoder.encode_vision(np.zeros((2, 5, 2, 224, 224, 3), np.uint8))
+    assert audio.shape == vision.shape == (2, SIZES["small"].out_embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(vision, axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(audio, axis=1), 20.0, rtol=1e-2)  # unit x logit scale 20
+    again = ImageBindEncoder(seed=0).encode_audio(np.zeros((1, 3, 1, 128, 204), np.float32))
+    np.testing.assert_allclose(again[0], audio[0], atol=1e-5)  # seeded: reproducible
