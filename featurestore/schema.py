@@ -123,14 +123,13 @@ def _row_nonfinite(column: pa.ChunkedArray) -> np.ndarray:
     for chunk in column.chunks:
         if isinstance(chunk, pa.ExtensionArray):
             chunk = chunk.storage
-        offsets = chunk.offsets.to_numpy() if hasattr(chunk, "offsets") else None
-        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-        if offsets is None:  # fixed-size list: values are contiguous per row
-            width = chunk.type.list_size
-            offsets = np.arange(len(chunk) + 1) * width + chunk.offset * width
+        # flatten() honours the slice offset and skips null rows (`.values` would return the whole
+        # parent buffer of a sliced array, making every batch cost as much as the full table).
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(chunk), 0), dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
         bad = np.concatenate([[0], np.cumsum(~np.isfinite(values))])
-        valid = ~np.asarray(chunk.is_null(), dtype=bool)  # a null row's slots hold arbitrary values
-        flags.append((bad[offsets[1:]] - bad[offsets[:-1]] > 0) & valid)
+        flags.append(bad[offsets[1:]] - bad[offsets[:-1]] > 0)
     return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
 
 

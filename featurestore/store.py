@@ -325,7 +325,7 @@ class Store:
         where: str | None = None,
         columns: Sequence[str] = ("key", "split", "speaker", "emotion", "sentiment", "text"),
         use_index: bool | None = None,
-        nprobes: int = 64,
+        nprobes: int = 16,
         refine_factor: int = 20,
     ) -> pa.Table:
         """Nearest neighbours by cosine distance (`_distance`), prefiltered by `where`.
@@ -442,7 +442,9 @@ class Store:
             if rows < 256:
                 raise StoreError(f"an IVF_PQ index needs at least 256 rows with {column}; the store has {rows}")
             dim = dataset.schema.field(column).type.list_size
-            num_partitions = num_partitions or max(1, min(256, int(np.sqrt(rows))))
+            # ~4k vectors per partition: few enough partitions that a prefiltered query finds its
+            # neighbours within `nprobes` of them.
+            num_partitions = num_partitions or max(1, rows // 4096)
             num_sub_vectors = num_sub_vectors or next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
             dataset.create_index(
                 column, index_type="IVF_PQ", metric="cosine", num_partitions=num_partitions,

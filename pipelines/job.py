@@ -210,8 +210,9 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     meta = {r.key: _metadata_row(r, provenance) for r in todo_text + todo_media}
 
     # text-only rows: metadata now, a failure record for clips that should have been there
-    for i in range(0, len(todo_text), pc.write_batch):
-        _write(store, [meta[r.key] for r in todo_text[i : i + pc.write_batch]], report)
+    text_batch = max(pc.write_batch, 2048)  # metadata rows are small: fewer, larger commits
+    for i in range(0, len(todo_text), text_batch):
+        _write(store, [meta[r.key] for r in todo_text[i : i + text_batch]], report)
     missing = [(r.key, "read", "missing_file", "CSV row without a clip") for r in todo_text if r.clip_status == "missing"]
     store.record_failures(missing)
     report.failures.update(("read", "missing_file") for _ in missing)

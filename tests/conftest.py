@@ -34,3 +34,19 @@ def mini_meld(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mini-meld")
     generate(SynthConfig(out=out, dialogues=5, seed=7, faults=True, use_bank=True, workers=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray for the whole test session: 2 CPUs, no dashboard, temp files in pytest's tmp."""
+    import ray
+
+    from infra.runtime import configure_offline
+
+    configure_offline()
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")), logging_level="WARNING")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

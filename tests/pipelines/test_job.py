@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from featurestore import Store
+from infra.config import load_config
+from pipelines.job import run_preprocess
+from pipelines.synth import read_ground_truth
+from pipelines.synth.faults import EXPECTED
+
+
+def _config(mini_meld, store, *more):
+    return load_config(None, [f"preprocess.meld_root={mini_meld}", f"paths.store={store}", "preprocess.batch_size=4", *more])
+
+
+@pytest.mark.slow
+def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ray_session):
+    truth = read_ground_truth(mini_meld)
+    report = run_preprocess(_config(mini_meld, tmp_path / "store"))
+    store = Store.open(tmp_path / "store")
+    rows = {r["key"]: r for r in store.query().to_pylist()}
+    assert set(rows) == set(truth) and report.total == len(truth)
+    failures = {(f["key"], f["reason"]) for f in store.failures().to_pylist()}
+    for key, t in truth.items():
+        expected = EXPECTED.get(t["fault"]) if t["fault"] else None
+        if expected in (None, "text_repaired"):
+            assert rows[key]["fused_emb"] is not None and rows[key]["audio_emb"] is not None, key
+            assert not any(k == key for k, _ in failures)
+        elif t["fault"] == "no_audio":
+            assert rows[key]["vision_emb"] is not None and rows[key]["audio_emb"] is None
+            assert rows[key]["fused_emb"] is not None and (key, "no_audio_stream") in failures
+        else:
+            assert rows[key]["fused_emb"] is None
+            assert (key, "missing_file" if expected == "missing" else expected) in failures
+    row = next(r for r in rows.values() if r["fused_emb"] is not None)
+    assert row["encoder_checkpoint"] == "random-init:0" and row["fusion"] == "mean_l2"
+    assert len(row["fused_emb"]) == store.fused_dim == 128
+
+    again = run_preprocess(_config(mini_meld, tmp_path / "store"))
+    assert again.skipped == len(truth) and again.embedded == 0
+    assert Store.open(tmp_path / "store").query(columns=["key"]).num_rows == len(truth)
+
+    other = run_preprocess(_config(mini_meld, tmp_path / "store", "preprocess.fusion=sum_raw", "preprocess.splits=[dev]"))
+    assert other.skipped == sum(t["split"] == "dev" and t["clip"] and t["fault"] == "missing_clip" for t in truth.values())
+
+
+@pytest.mark.meld_text
+def test_no_media_ingests_all_real_meld_text(meld_text_dir, tmp_path):
+    report = run_preprocess(load_config(None, [f"preprocess.meld_root={meld_text_dir}", f"paths.store={tmp_path}/s", "preprocess.no_media=true"]))
+    assert report.text_only == report.total == 13_708
+    stats = Store.open(tmp_path / "s").stats()
+    assert {s: sum(c.values()) for s, c in stats.by_split_emotion.items()} == {"train": 9989, "dev": 1109, "test": 2610}
+    assert stats.with_embeddings["fused_emb"] == 0 and not stats.failures
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(mini_meld, tmp_path):
+    store_dir = tmp_path / "store"
+    cmd = [sys.executable, "-m", "infra.cli", "preprocess", "--meld-root", str(mini_meld), "--store", str(store_dir),
+           "--batch-size", "2", "--set", "preprocess.write_batch=2", "--set", "preprocess.num_cpus=2"]  # fmt: skip
+    job = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    embedded = 0
+    while time.time() < deadline and job.poll() is None:
+        time.sleep(0.5)
+        try:
+            embedded = Store.open(store_dir).stats().with_embeddings["fused_emb"]
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            continue
+        if embedded >= 2:
+            break
+    assert job.poll() is None, "the job finished before it could be killed; make the input larger"
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    job.wait()
+    assert 2 <= embedded
+
+    truth = read_ground_truth(mini_meld)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    store = Store.open(store_dir)
+    keys = store.query(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == len(truth)
+    good = [k for k, t in truth.items() if t["fault"] in (None, "mojibake_cp1252", "mojibake_double", "quotes_commas_newline")]
+    with_vectors = set(store.query(where="fused_emb IS NOT NULL", columns=["key"]).column("key").to_pylist())
+    assert set(good) <= with_vectors
