@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml infra/setup.sh
 demo: $(STAMP)
 	$(MERG) data synth --out $(DEMO_DIR)/mini-meld --dialogues $(DEMO_DIALOGUES) --seed 0 --faults
 	$(MERG) data summary --meld-root $(DEMO_DIR)/mini-meld
+	$(MERG) preprocess --meld-root $(DEMO_DIR)/mini-meld --store $(DEMO_DIR)/store
+	$(MERG) store stats --store $(DEMO_DIR)/store
+	$(MERG) store query --store $(DEMO_DIR)/store --emotion joy,surprise --limit 5
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

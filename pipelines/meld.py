@@ -79,6 +79,10 @@ class SplitReading:
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (CSV line number, reason)
 
 
+def clip_filename(dialogue_id: int, utterance_id: int) -> str:
+    return f"dia{dialogue_id}_utt{utterance_id}.mp4"
+
+
 def fix_text(text: str) -> str:
     """Repair mojibake (`â€™` -> `’`, `Â’` -> `’`) and stray whitespace in a MELD text field."""
     return _STRAY_A_CIRCUMFLEX.sub(r"\1", ftfy.fix_text(text, _FTFY)).strip()
@@ -132,7 +136,7 @@ def read_split(root: Path | str, split: str) -> SplitReading:
                 raise ValueError(f"{len(row[None])} more fields than the header")
             clip_path, status = None, "no_media"
             if clip_dir is not None:
-                clip_path = clip_dir / f"dia{dialogue_id}_utt{utterance_id}.mp4"
+                clip_path = clip_dir / clip_filename(dialogue_id, utterance_id)
                 status = "found" if clip_path.exists() else "missing"
                 clip_path = clip_path if status == "found" else None
             reading.records.append(

@@ -20,10 +20,10 @@ from pathlib import Path
 from featurestore.schema import SPLITS
 from infra.config import SynthConfig
 from infra.progress import progress_bar
-from pipelines.meld import CLIP_DIRS, CSV_COLUMNS, CSV_NAMES
+from pipelines.meld import CLIP_DIRS, CSV_COLUMNS, CSV_NAMES, Utterance, clip_filename
 from pipelines.synth.clip import ClipJob, ffmpeg_available, render_clip
 from pipelines.synth.faults import EXPECTED, RENDER_FAULTS, TEXT_FAULTS, assign_faults, damage_file, damage_text
-from pipelines.synth.script import ScriptLine, dialogues_per_split, script_from_bank, script_from_meld_text
+from pipelines.synth.script import dialogues_per_split, script_from_bank, script_from_meld_text
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SynthReport:
     seconds: float = 0.0
 
 
-def write_csv(path: Path, lines: list[ScriptLine], csv_text: dict[str, str]) -> None:
+def write_csv(path: Path, lines: list[Utterance], csv_text: dict[str, str]) -> None:
     """Write one split's CSV exactly as MELD does (same columns, order and quoting)."""
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -80,7 +80,7 @@ def generate(config: SynthConfig, meld_text: Path | None = None) -> SynthReport:
         (out / CLIP_DIRS[split]).mkdir(parents=True, exist_ok=True)
     jobs = [
         ClipJob(
-            line=line, out_path=out / CLIP_DIRS[line.split] / line.clip_name, seed=config.seed,
+            line=line, out_path=out / CLIP_DIRS[line.split] / clip_filename(line.dialogue_id, line.utterance_id), seed=config.seed,
             min_duration=config.min_duration, max_duration=config.max_duration,
             two_face_prob=config.two_face_prob,
             render_fault=faults.get(line.key) if faults.get(line.key) in RENDER_FAULTS else None,

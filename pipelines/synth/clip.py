@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from pipelines.synth.face import draw_face, face_box, look_for
-from pipelines.synth.script import ScriptLine
+from pipelines.meld import Utterance
 from pipelines.synth.speech import loudness_per_frame, speak, voice_for
 
 RESOLUTIONS = ((640, 360), (480, 270), (854, 480), (512, 288))
@@ -25,7 +25,7 @@ AUDIO_RATE = 48_000  # MELD's clips carry 48 kHz stereo AAC; the decoder must re
 
 @dataclass(frozen=True)
 class ClipJob:
-    line: ScriptLine
+    line: Utterance
     out_path: Path
     seed: int
     min_duration: float = 0.5

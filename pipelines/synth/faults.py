@@ -11,7 +11,7 @@ import random
 import ftfy.bad_codecs  # noqa: F401  registers the 'sloppy-windows-1252' codec
 from pathlib import Path
 
-from pipelines.synth.script import ScriptLine
+from pipelines.meld import Utterance
 
 # fault -> what the reader reports: a clip_status ("missing"), a probe reason, or "text_repaired".
 EXPECTED = {
@@ -40,7 +40,7 @@ def mojibake_double(text: str) -> str:
     return text.encode("cp1252").decode("latin-1").encode("utf-8").decode("sloppy-windows-1252")
 
 
-def assign_faults(lines: list[ScriptLine], seed: int) -> dict[str, str]:
+def assign_faults(lines: list[Utterance], seed: int) -> dict[str, str]:
     """Pick one distinct utterance per fault (deterministic); returns key -> fault.
 
     Mojibake faults go to lines with an apostrophe, so there is something to damage.

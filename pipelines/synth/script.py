@@ -1,4 +1,4 @@
-"""What the mini-MELD says: whole dialogues with speakers, lines and labels.
+"""What the mini-MELD says: whole dialogues with speakers, lines and labels, as MELD records.
 
 From MELD's real annotation CSVs (a seeded sample of whole dialogues per split, keeping their real
 ids, times and labels), or, without them, from the small bank in `bank.yaml` with labels drawn
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -28,31 +27,6 @@ _SENTIMENT_OF = {"neutral": "neutral", "joy": "positive", "anger": "negative", "
                  "disgust": "negative", "fear": "negative"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ScriptLine:
-    """One utterance to render: the CSV row's fields."""
-
-    split: str
-    dialogue_id: int
-    utterance_id: int
-    speaker: str
-    text: str
-    emotion: str
-    sentiment: str
-    season: int
-    episode: int
-    start_time: str
-    end_time: str
-
-    @property
-    def clip_name(self) -> str:
-        return f"dia{self.dialogue_id}_utt{self.utterance_id}.mp4"
-
-    @property
-    def key(self) -> str:
-        return f"{self.split}/dia{self.dialogue_id}_utt{self.utterance_id}"
-
-
 def dialogues_per_split(total: int, fractions: dict[str, float]) -> dict[str, int]:
     """Split `total` dialogues by `fractions`, at least one per split, summing to `total`."""
     counts = {s: max(1, int(round(total * fractions[s]))) for s in SPLITS}
@@ -63,17 +37,9 @@ def dialogues_per_split(total: int, fractions: dict[str, float]) -> dict[str, in
     return counts
 
 
-def _from_record(r: Utterance) -> ScriptLine:
-    return ScriptLine(
-        split=r.split, dialogue_id=r.dialogue_id, utterance_id=r.utterance_id, speaker=r.speaker,
-        text=r.text, emotion=r.emotion, sentiment=r.sentiment, season=r.season or 1,
-        episode=r.episode or 1, start_time=r.start_time, end_time=r.end_time,
-    )  # fmt: skip
-
-
-def script_from_meld_text(text_dir: Path, counts: dict[str, int], seed: int) -> list[ScriptLine]:
+def script_from_meld_text(text_dir: Path, counts: dict[str, int], seed: int) -> list[Utterance]:
     """A seeded sample of whole real MELD dialogues per split, ids and labels kept."""
-    lines: list[ScriptLine] = []
+    lines: list[Utterance] = []
     for split in SPLITS:
         by_dialogue: dict[int, list[Utterance]] = defaultdict(list)
         for record in read_split(text_dir, split).records:
@@ -81,7 +47,7 @@ def script_from_meld_text(text_dir: Path, counts: dict[str, int], seed: int) -> 
         chosen = random.Random(f"{seed}/{split}").sample(sorted(by_dialogue), min(counts[split], len(by_dialogue)))
         for dialogue_id in sorted(chosen):
             turns = sorted(by_dialogue[dialogue_id], key=lambda r: r.utterance_id)
-            lines.extend(_from_record(r) for r in turns)
+            lines.extend(turns)
     return lines
 
 
@@ -94,11 +60,11 @@ def load_bank() -> dict[str, list[str]]:
     return yaml.safe_load(resources.files("pipelines.synth").joinpath("bank.yaml").read_text("utf-8"))
 
 
-def script_from_bank(counts: dict[str, int], seed: int) -> list[ScriptLine]:
+def script_from_bank(counts: dict[str, int], seed: int) -> list[Utterance]:
     """Dialogues of 3-8 turns among 2-3 speakers, lines from the bank, labels MELD-distributed."""
     bank = load_bank()
     emotions, weights = zip(*MELD_EMOTION_WEIGHTS.items())
-    lines: list[ScriptLine] = []
+    lines: list[Utterance] = []
     for split in SPLITS:
         rng = random.Random(f"{seed}/bank/{split}")
         for dialogue_id in range(counts[split]):
@@ -109,9 +75,9 @@ def script_from_bank(counts: dict[str, int], seed: int) -> list[ScriptLine]:
                 sentiment = _SENTIMENT_OF.get(emotion) or rng.choice(("positive", "negative"))
                 start, clock = clock, clock + rng.uniform(1.0, 4.0)
                 lines.append(
-                    ScriptLine(split, dialogue_id, utterance_id, cast[utterance_id % len(cast)],
-                               rng.choice(bank[emotion]), emotion, sentiment, season, episode,
-                               _timestamp(start), _timestamp(clock))
+                    Utterance(split, dialogue_id, utterance_id, cast[utterance_id % len(cast)],
+                              rng.choice(bank[emotion]), emotion, sentiment, season, episode,
+                              _timestamp(start), _timestamp(clock), clip_path=None, clip_status="no_media")
                 )  # fmt: skip
     return lines
 

@@ -11,6 +11,7 @@ from infra.config import REPO_ROOT, MergConfig, apply_overrides, load_config
 def test_defaults_and_shipped_config_agree():
     shipped = load_config(REPO_ROOT / "configs" / "default.yaml")
     assert shipped.synth == MergConfig().synth
+    assert shipped.preprocess == MergConfig().preprocess
     assert shipped.paths.store == MergConfig().paths.store
 
 
