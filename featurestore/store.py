@@ -325,14 +325,17 @@ class Store:
         where: str | None = None,
         columns: Sequence[str] = ("key", "split", "speaker", "emotion", "sentiment", "text"),
         use_index: bool | None = None,
-        nprobes: int = 16,
+        nprobes: int = 64,
         refine_factor: int = 20,
     ) -> pa.Table:
         """Nearest neighbours by cosine distance (`_distance`), prefiltered by `where`.
 
         `query` is a key (that row is left out of the answer) or a vector. Exact search unless the
         column has a vector index (`use_index=None` uses it when present); the index is queried with
-        `nprobes` partitions and its candidates re-ranked exactly (`refine_factor`).
+        `nprobes` partitions and its candidates re-ranked exactly (`refine_factor`). A prefilter
+        scatters the wanted rows over many partitions, so recall follows `nprobes`: the default
+        probes every partition of an index built here up to ~260k rows (`benchmarks/store.py`
+        measures recall and latency; lower `nprobes` trades the one for the other).
         """
         if column not in EMBEDDING_COLUMNS:
             raise ValueError(f"{column!r} is not an embedding column ({', '.join(EMBEDDING_COLUMNS)})")

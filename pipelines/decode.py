@@ -2,8 +2,8 @@
 
 Audio goes through PyAV (bundled FFmpeg; decord's AudioReader leaks memory per clip), video through
 decord, reading only the 10 frames ImageBind's recipe samples. The speaker's face is cropped here
-(the largest detected face until the active-speaker stage replaces it; the whole frame when none
-is found), so frame stacks stay small. A bad clip never raises: it comes back with a failure
+(the largest detected face until the active-speaker stage replaces it; the centre square when none
+is found), so frame stacks stay small and of one shape. A bad clip never raises: it comes back with a failure
 reason, and whichever modality did decode is kept.
 """
 
@@ -129,5 +129,8 @@ def _decode_frames(path: Path | str, detect_face: bool):
     if face is not None:
         frames, (x0, y0, x1, y1) = crop_square(frames, face)
         box = (x0 / width, y0 / height, x1 / width, y1 / height)
+    else:  # no face found: the centre square, so every clip yields the same [5, 2, 224, 224, 3]
+        side = min(height, width)
+        frames, _ = crop_square(frames, ((width - side) // 2, (height - side) // 2, side, side), margin=1.0)
     frames = short_side_resize(frames, IMAGE_SIZE)
     return frames, (None if not detect_face else face is not None), box

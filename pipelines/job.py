@@ -94,14 +94,33 @@ class ImageBindStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, dim = len(batch["key"]), self.encoder.embed_dim
-        audio, vision = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
-        if (rows := np.flatnonzero(batch["has_audio_feat"])).size:
-            audio[rows] = self.encoder.encode_audio(batch["audio_feat"][rows])
-        if (rows := np.flatnonzero(batch["has_frames"])).size:
-            vision[rows] = self.encoder.encode_vision(batch["frames"][rows])
         out = {k: v for k, v in batch.items() if k not in ("audio_feat", "frames")}
-        out["audio_raw"], out["vision_raw"] = audio, vision
+        out["audio_raw"], out["vision_raw"] = np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32)
+        for flag, inputs, target, encode in (
+            ("has_audio_feat", "audio_feat", "audio_raw", self.encoder.encode_audio),
+            ("has_frames", "frames", "vision_raw", self.encoder.encode_vision),
+        ):
+            rows = np.flatnonzero(batch[flag])
+            try:
+                if rows.size:
+                    out[target][rows] = encode(np.stack(batch[inputs][rows]))
+            except Exception:  # noqa: BLE001 - one bad input must not fail its batch: retry row by row
+                for row in rows:
+                    try:
+                        out[target][row] = encode(np.asarray(batch[inputs][row])[None])[0]
+                    except Exception as exc:  # noqa: BLE001
+                        out[flag] = np.array(out[flag], copy=True)
+                        out[flag][row] = False
+                        _record_failure(out, row, "encode", "encode_error", f"{inputs}: {type(exc).__name__}: {exc}")
         return out
+
+
+def _record_failure(batch: dict[str, np.ndarray], row: int, stage: str, reason: str, detail: str) -> None:
+    """Set a row's failure fields in a batch (unless it already carries one)."""
+    if not batch["fail_reason"][row]:
+        for column, value in (("fail_stage", stage), ("fail_reason", reason), ("fail_detail", detail[:500])):
+            batch[column] = np.array(batch[column], dtype=object, copy=True)
+            batch[column][row] = value
 
 
 def fuse_batch(batch: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
@@ -193,7 +212,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
         config_hash=config_hash,
     )  # fmt: skip
     bad_rows = [(f"{split}/csv-line-{line}", "read", "bad_csv_row", why) for split, rd in readings.items() for line, why in rd.bad_rows]
-    store.record_failures([(k, s, r, d) for k, s, r, d in bad_rows])
+    store.record_failures(bad_rows)
     report.failures.update(("read", "bad_csv_row") for _ in bad_rows)
 
     # plan: what is already done with the same clip and config is skipped
@@ -236,7 +255,8 @@ def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: di
     init_ray(pc.ray_address, num_cpus=pc.num_cpus)
     items = [{"key": r.key, "path": str(r.clip_path), "sha256": sha[r.key]} for r in todo]
     ds = (
-        ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+        # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
+        ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pc.batch_size)))
         # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
         # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
         .map(decode_row, fn_kwargs={"detect_face": pc.detect_face}, num_cpus=1, memory=DECODE_MEMORY)

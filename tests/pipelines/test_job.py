@@ -89,3 +89,24 @@ def test_resume_after_sigkill(mini_meld, tmp_path):
     good = [k for k, t in truth.items() if t["fault"] in (None, "mojibake_cp1252", "mojibake_double", "quotes_commas_newline")]
     with_vectors = set(store.query(where="fused_emb IS NOT NULL", columns=["key"]).column("key").to_pylist())
     assert set(good) <= with_vectors
+
+
+def test_encoder_stage_isolates_a_bad_input():
+    """One input the model cannot take fails alone (recorded), the rest of its batch is embedded."""
+    import numpy as np
+
+    from pipelines.job import ImageBindStage
+
+    frames = np.empty(2, dtype=object)
+    frames[0], frames[1] = np.zeros((5, 2, 224, 224, 3), np.uint8), np.zeros((5, 2, 10, 10, 3), np.uint8)
+    empty = lambda: np.array(["", ""], dtype=object)  # noqa: E731
+    batch = {
+        "key": np.array(["test/dia0_utt0", "test/dia0_utt1"], dtype=object), "has_audio_feat": np.array([True, False]),
+        "has_frames": np.array([True, True]), "audio_feat": np.zeros((2, 3, 1, 128, 204), np.float32), "frames": frames,
+        "fail_stage": empty(), "fail_reason": empty(), "fail_detail": empty(),
+    }  # fmt: skip
+    out = ImageBindStage(checkpoint=None, size=None, seed=0)(batch)
+    assert out["has_frames"].tolist() == [True, False]
+    assert out["fail_reason"].tolist() == ["", "encode_error"] and out["fail_stage"][1] == "encode"
+    assert np.linalg.norm(out["vision_raw"][0]) == pytest.approx(1, abs=1e-3) and not out["vision_raw"][1].any()
+    assert np.linalg.norm(out["audio_raw"][0]) == pytest.approx(20, rel=1e-2)
