@@ -304,8 +304,8 @@ class Store:
         """Keys present (e.g. to skip finished work in a re-run)."""
         return set(self._utterances().to_table(columns=["key"], filter=where).column("key").to_pylist())
 
-    def failures(self, where: str | None = None) -> pa.Table:
-        return self._failures().to_table(filter=where)
+    def failures(self, where: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        return self._failures().to_table(filter=where, columns=list(columns) if columns else None)
 
     def vector_of(self, key: str, column: str = "fused_emb") -> np.ndarray:
         table = self._utterances().to_table(columns=[column], filter=build_filter(key=key))

@@ -37,7 +37,7 @@ from pipelines.meld import Utterance, read_splits
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "1"
-DECODE_MEMORY = 512 * 1024**2  # bytes per decode task: one clip's frames and audio, decoded
+DECODE_MEMORY = 1024**3  # bytes per decode task: one clip's frames and audio, decoded
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 
@@ -227,6 +227,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     todo_media = [r for r in media if done.get(r.key) != (sha[r.key], config_hash)]
     report.skipped = len(records) - len(todo_text) - len(todo_media)
     meta = {r.key: _metadata_row(r, provenance) for r in todo_text + todo_media}
+    failed_before = set(store.failures(columns=["key"]).column("key").to_pylist())
 
     # text-only rows: metadata now, a failure record for clips that should have been there
     text_batch = max(pc.write_batch, 2048)  # metadata rows are small: fewer, larger commits
@@ -239,14 +240,17 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
 
     if todo_media:
         media_started = time.perf_counter()
-        _run_media(config, store, todo_media, meta, sha, report)
+        _run_media(config, store, todo_media, meta, sha, failed_before, report)
         report.media_seconds = time.perf_counter() - media_started
     report.store_version = store.version
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: dict, sha: dict, report: PreprocessReport) -> None:
+def _run_media(
+    config: MergConfig, store: Store, todo: list[Utterance], meta: dict, sha: dict, failed_before: set[str],
+    report: PreprocessReport,
+) -> None:
     import ray
 
     from infra.runtime import init_ray
@@ -266,7 +270,9 @@ def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: di
                 checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
                 size=pc.imagebind_size, seed=pc.seed,
             ),
-            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0 if pc.encoder_gpus else 1,
+            # A GPU actor needs no CPU slot; a CPU actor takes none either, so that decode tasks (the
+            # heavy part on CPU) can use every core; the encoder's work interleaves with theirs.
+            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0,
             batch_size=pc.batch_size, batch_format="numpy",
         )
         .map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
@@ -283,6 +289,6 @@ def _run_media(config: MergConfig, store: Store, todo: list[Utterance], meta: di
             report.failures.update((s, r) for _, s, r, _ in failed)
             has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
             report.embedded += int(has_any.sum())
-            fine = [str(k) for k, r in zip(batch["key"], batch["fail_reason"]) if not r]
-            store.clear_failures(fine)  # a clip that works now no longer counts as failed
+            fixed = [str(k) for k, r in zip(batch["key"], batch["fail_reason"]) if not r and str(k) in failed_before]
+            store.clear_failures(fixed)  # a clip that works now no longer counts as failed
             advance(len(batch["key"]))
