@@ -362,18 +362,9 @@ class Store:
 
     def has_vector_index(self, column: str = "fused_emb") -> bool:
         return any(
-            column in idx.get("fields", []) and "IVF" in str(idx.get("type", "")).upper()
-            for idx in self._indices()
+            column in index.field_names and "IVF" in index.index_type.upper()
+            for index in self._utterances().describe_indices()
         )
-
-    def _indices(self) -> list[dict]:
-        try:
-            return [
-                {"name": d.name, "fields": list(d.field_names), "type": d.index_type}
-                for d in self._utterances().describe_indices()
-            ]
-        except (AttributeError, TypeError):
-            return list(self._utterances().list_indices())
 
     def stats(self) -> StoreStats:
         dataset = self._utterances()
