@@ -1,0 +1,82 @@
+"""Face tracks from per-frame detections, as TalkNet's demo builds them.
+
+Detections are linked frame to frame by IoU (> 0.5 by default), tolerating up to `max_gap` frames
+without a detection (detecting on every k-th frame is fine); tracks shorter than `min_length` frames
+are dropped; boxes are linearly interpolated over the gaps, then the box centre and size are median
+smoothed (edges repeat the nearest value). Unlike the demo, which takes the first overlapping detection, a track takes the one that
+overlaps it most, so two faces passing close to each other keep their identities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+
+@dataclass
+class Track:
+    frames: np.ndarray  # consecutive frame indices, int [n]
+    boxes: np.ndarray  # (x0, y0, x1, y1) per frame, float [n, 4]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def link_detections(
+    detections: list[np.ndarray], iou_threshold: float = 0.5, max_gap: int = 10
+) -> list[list[tuple[int, np.ndarray]]]:
+    """Greedy linking: each open track takes its best-overlapping detection in the next frame that has any."""
+    tracks: list[list[tuple[int, np.ndarray]]] = []
+    for frame, boxes in enumerate(detections):
+        free = list(np.asarray(boxes, dtype=float).reshape(-1, 4))
+        open_tracks = [t for t in tracks if frame - t[-1][0] <= max_gap]
+        # longest tracks choose first: they have the most reliable last box
+        for track in sorted(open_tracks, key=len, reverse=True):
+            if not free:
+                break
+            overlaps = [iou(track[-1][1], box) for box in free]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] > iou_threshold:
+                track.append((frame, free.pop(best)))
+        tracks.extend([(frame, box)] for box in free)
+    return tracks
+
+
+def _smooth(values: np.ndarray, kernel: int) -> np.ndarray:
+    # edges repeat the nearest value (scipy.signal.medfilt, as in the demo, pads zeros and drags
+    # the first and last boxes towards the origin)
+    return median_filter(values, size=kernel, mode="nearest") if kernel >= 3 else values
+
+
+def build_tracks(
+    detections: list[np.ndarray],
+    iou_threshold: float = 0.5,
+    max_gap: int = 10,
+    min_length: int = 10,
+    smooth_kernel: int = 13,
+) -> list[Track]:
+    """Tracks from detections per frame (each an array [k, 4] of boxes, k may be 0)."""
+    out = []
+    for linked in link_detections(detections, iou_threshold, max_gap):
+        frames = np.array([f for f, _ in linked])
+        boxes = np.stack([b for _, b in linked])
+        every = np.arange(frames[0], frames[-1] + 1)
+        if len(every) < min_length:
+            continue
+        filled = np.stack([np.interp(every, frames, boxes[:, i]) for i in range(4)], axis=1)
+        cx, cy = (filled[:, 0] + filled[:, 2]) / 2, (filled[:, 1] + filled[:, 3]) / 2
+        half_w, half_h = (filled[:, 2] - filled[:, 0]) / 2, (filled[:, 3] - filled[:, 1]) / 2
+        cx, cy, half_w, half_h = (_smooth(v, smooth_kernel) for v in (cx, cy, half_w, half_h))
+        out.append(Track(every, np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)))
+    return out
