@@ -98,7 +98,7 @@ def data_summary(
     from pipelines.meld import MeldFormatError, read_splits, summarize
 
     try:
-        readings = read_splits(meld_root, [s.strip() for s in splits.split(",") if s.strip()])
+        readings = read_splits(meld_root, _split_list(splits))
     except (MeldFormatError, ValueError) as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -1,4 +1,4 @@
-"""Cheap checks on a clip file, before any decoding work is spent on it.
+"""Cheap checks on a clip file, before any decoding work is spent on it, and small media helpers.
 
 `probe_clip` opens the container with PyAV (it bundles its own FFmpeg, so no system binary is
 needed) and classifies the clip as usable or faulty with a short machine-readable reason.
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 
 # Shorter than this, neither TalkNet's windows nor ImageBind's 2 s clips have anything to see.
 MIN_DURATION_S = 0.3
@@ -27,6 +28,16 @@ class ClipProbe:
     width: int | None = None
     height: int | None = None
     has_audio: bool = False
+
+
+def rms_per_frame(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
+    """RMS loudness of the audio under each video frame ([n_frames] float32)."""
+    hop = sample_rate / fps
+    rms = np.zeros(n_frames, np.float32)
+    for i in range(n_frames):
+        chunk = audio[int(i * hop) : int((i + 1) * hop)]
+        rms[i] = np.sqrt(np.mean(np.square(chunk, dtype=np.float64))) if chunk.size else 0.0
+    return rms
 
 
 def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:

@@ -1,10 +1,10 @@
 """`sync`: a weight-free active-speaker scorer, the default when no TalkNet checkpoint is given.
 
 A speaking face's mouth moves while there is speech and rests in the pauses; a listener's does not
-follow the speech. Per track: the mouth region's motion energy per frame (mean absolute difference of
-a small grayscale mouth crop between frames) is correlated with the speech envelope (RMS per video
-frame), allowing a lag of a couple of frames; the best Pearson correlation is the score. A track
-whose score is below the threshold is not a visible speaker.
+follow the speech. Per track: the mouth region's motion energy per frame (mean absolute difference
+of a small grayscale mouth crop between frames) is correlated with the speech envelope (RMS per
+video frame, `pipelines.media.rms_per_frame`), allowing a lag of a couple of frames; the best
+Pearson correlation is the score. A track below the threshold is not a visible speaker.
 """
 
 from __future__ import annotations
@@ -41,16 +41,6 @@ def mouth_motion(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     of the band above, to cancel head motion, was tried and separated speakers worse here.)
     """
     return _region_motion(frames, boxes, 2 / 3, 1.0)
-
-
-def speech_envelope(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
-    """RMS of the audio under each video frame ([n_frames])."""
-    hop = sample_rate / fps
-    env = np.zeros(n_frames, np.float32)
-    for i in range(n_frames):
-        chunk = audio[int(i * hop) : int((i + 1) * hop)]
-        env[i] = np.sqrt(np.mean(chunk**2)) if chunk.size else 0.0
-    return env
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

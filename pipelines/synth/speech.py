@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.media import rms_per_frame
+
 _FEMALE = {"rachel", "monica", "phoebe", "emily", "janice", "carol", "susan", "mona", "amy", "julie"}
 _MALE = {"ross", "chandler", "joey", "gunther", "mike", "richard", "paolo", "pete", "ben", "frank"}
 _FEMALE_VARIANTS = ("f1", "f2", "f3", "f4", "f5")
@@ -80,11 +82,6 @@ def speak(text: str, voice: Voice, max_seconds: float | None = None) -> tuple[np
 
 def loudness_per_frame(samples: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
     """RMS loudness per video frame, scaled to [0, 1] by the clip's 95th percentile."""
-    hop = sample_rate / fps
-    rms = np.zeros(n_frames, dtype=np.float32)
-    for i in range(n_frames):
-        chunk = samples[int(i * hop) : int((i + 1) * hop)]
-        if chunk.size:
-            rms[i] = float(np.sqrt(np.mean(chunk**2)))
+    rms = rms_per_frame(samples, sample_rate, fps, n_frames)
     peak = np.percentile(rms, 95) if rms.any() else 0.0
     return np.clip(rms / peak, 0.0, 1.0) if peak > 0 else rms

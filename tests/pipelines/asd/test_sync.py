@@ -3,8 +3,9 @@ from __future__ import annotations
 import decord
 import numpy as np
 
-from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, speech_envelope, sync_score
+from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
 from pipelines.decode import read_audio_16k
+from pipelines.media import rms_per_frame
 from pipelines.synth import read_ground_truth
 
 
@@ -27,7 +28,7 @@ def test_sync_picks_the_speaking_face_on_generated_clips(mini_meld):
         path = str(mini_meld / t["clip"])
         reader = decord.VideoReader(path)
         frames = reader.get_batch(list(range(len(reader)))).asnumpy()
-        envelope = speech_envelope(read_audio_16k(path), 16_000, reader.get_avg_fps(), len(frames))
+        envelope = rms_per_frame(read_audio_16k(path), 16_000, reader.get_avg_fps(), len(frames))
         scores = [sync_score(mouth_motion(frames, np.array(face["boxes"][: len(frames)])), envelope) for face in t["faces"]]
         right += int(np.argmax(scores)) == t["speaker_face"]
         speaking_scores.append(scores[t["speaker_face"]])
