@@ -91,7 +91,10 @@ class PreprocessConfig(_Section):
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None
     fusion: Literal["mean_l2", "sum_raw", "concat"] = "mean_l2"
-    detect_face: bool = True
+    asd_method: Literal["sync", "none"] = Field("sync", description="speaker detection; none: centre crop")
+    asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
+    detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps)")
+    crop_margin: float = Field(1.4, ge=1.0, description="face crop side / face box side")
     seed: int = 0
 
 

@@ -1,10 +1,11 @@
-"""Decode one clip into what the encoders need: 16 kHz mono audio features and the sampled frames.
+"""Decode one clip into what the encoders need: 16 kHz mono audio features and the speaker's face.
 
 Audio goes through PyAV (bundled FFmpeg; decord's AudioReader leaks memory per clip), video through
-decord, reading only the 10 frames ImageBind's recipe samples. The speaker's face is cropped here
-(the largest detected face until the active-speaker stage replaces it; the centre square when none
-is found), so frame stacks stay small and of one shape. A bad clip never raises: it comes back with a failure
-reason, and whichever modality did decode is kept.
+decord. The active-speaker stage (`pipelines.asd.stage`) finds the speaking face on small 25 fps
+frames; the 10 frames ImageBind's recipe samples are then read at full resolution and cut around the
+speaker's box (a square grown by `crop_margin`), so every clip yields frames of one shape. With no
+visible speaker the centre square is used and the row says so. A bad clip never raises: it comes
+back with a failure reason, and whichever modality did decode is kept.
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
-from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, short_side_resize, video_frame_indices
+from pipelines.asd.stage import find_speaker, read_small_frames
+from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, video_frame_indices
 from pipelines.media import probe_clip
 
 log = logging.getLogger(__name__)
 
-FACE_MARGIN = 1.4  # crop side / detected face side: keeps chin, hair and some context
+
+@dataclass(frozen=True)
+class SpeakerSettings:
+    method: str = "sync"  # "sync" | "none" (centre square, no detection)
+    threshold: float = 0.3
+    detect_every: int = 5
+    crop_margin: float = 1.4  # crop side / face box side: keeps chin, hair and some context
 
 
 @dataclass
@@ -34,7 +43,10 @@ class DecodedClip:
     audio: np.ndarray | None = None  # float32 [3, 1, 128, 204], ImageBind's normalised fbank clips
     frames: np.ndarray | None = None  # uint8 [5, 2, H, W, 3], short side 224
     face_visible: bool | None = None
-    speaker_box: tuple[float, float, float, float] | None = None  # frame-relative (x0, y0, x1, y1)
+    speaker_box: tuple[float, float, float, float] | None = None  # median, frame-relative (x0, y0, x1, y1)
+    asd_method: str | None = None
+    asd_score: float | None = None
+    speaker_track_frames: int | None = None
     failure: tuple[str, str, str] | None = None  # (stage, reason, detail)
 
 
@@ -53,42 +65,20 @@ def read_audio_16k(path: Path | str) -> np.ndarray | None:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
-def _largest_face(frame: np.ndarray) -> tuple[int, int, int, int] | None:
-    import cv2
-
-    cascade = _cascade()
-    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, minSize=(24, 24))
-    if len(faces) == 0:
-        return None
-    x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-    return int(x), int(y), int(w), int(h)
-
-
-_CASCADE = None
-
-
-def _cascade():
-    global _CASCADE  # one classifier per worker process, loaded on first use
-    if _CASCADE is None:
-        import cv2
-
-        _CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    return _CASCADE
-
-
-def crop_square(frames: np.ndarray, box: tuple[int, int, int, int], margin: float = FACE_MARGIN) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A square crop around `box` (x, y, w, h) grown by `margin`, shifted to stay inside the frame."""
-    height, width = frames.shape[-3:-1]
-    x, y, w, h = box
-    side = int(min(max(w, h) * margin, height, width))
-    cx, cy = x + w / 2, y + h / 2
+def crop_square(frame: np.ndarray, box: np.ndarray, margin: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A square around `box` (x0, y0, x1, y1) grown by `margin`, kept inside the frame, resized to `size`."""
+    height, width = frame.shape[:2]
+    side = int(min(max(box[2] - box[0], box[3] - box[1]) * margin, height, width))
+    side = max(side, 2)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     x0 = int(np.clip(cx - side / 2, 0, width - side))
     y0 = int(np.clip(cy - side / 2, 0, height - side))
-    return frames[..., y0 : y0 + side, x0 : x0 + side, :], (x0, y0, x0 + side, y0 + side)
+    return cv2.resize(frame[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
-def decode_clip(key: str, path: Path | str | None, sha256: str | None = None, detect_face: bool = True) -> DecodedClip:
+def decode_clip(
+    key: str, path: Path | str | None, sha256: str | None = None, speaker: SpeakerSettings = SpeakerSettings()
+) -> DecodedClip:
     """Decode one clip for ImageBind; failures are returned, never raised."""
     out = DecodedClip(key=key, sha256=sha256)
     if path is None:
@@ -96,41 +86,52 @@ def decode_clip(key: str, path: Path | str | None, sha256: str | None = None, de
         return out
     probe = probe_clip(path)
     out.duration, out.fps, out.has_audio = probe.duration, probe.fps, probe.has_audio
-    fatal = {"missing_file", "empty_file", "not_mp4", "unreadable_container", "no_video_stream", "truncated"}
     if not probe.ok:
         out.failure = ("decode", probe.reason or "unknown", probe.detail)
-        if probe.reason in fatal or probe.reason in ("too_short", "too_few_frames"):
+        if probe.reason != "no_audio_stream":  # without audio the face can still be embedded
             return out
+    waveform = None
     try:
         if probe.has_audio:
             waveform = read_audio_16k(path)
             if waveform is not None and waveform.size >= SAMPLE_RATE * 0.025:  # one 25 ms fbank window
                 out.audio = audio_features(waveform)
-        out.frames, out.face_visible, out.speaker_box = _decode_frames(path, detect_face)
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
-        out.failure = ("decode", "decode_error", f"{type(exc).__name__}: {exc}")
+        out.failure = ("decode", "audio_decode_error", f"{type(exc).__name__}: {exc}")
+    try:
+        _speaker_frames(out, str(path), waveform, speaker)
+    except Exception as exc:  # noqa: BLE001
+        out.failure = ("decode", "video_decode_error", f"{type(exc).__name__}: {exc}")
     if out.audio is None and out.frames is not None and out.failure is None:
         out.failure = ("decode", "no_audio_stream", "audio missing or empty; vision only")
     return out
 
 
-def _decode_frames(path: Path | str, detect_face: bool):
+def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, settings: SpeakerSettings) -> None:
+    """Fill `out.frames` ([5, 2, 224, 224, 3]) with the speaker's face, and the speaker fields."""
     import decord
 
-    reader = decord.VideoReader(str(path), num_threads=1)
+    reader = decord.VideoReader(path, num_threads=1)
     n_frames, fps = len(reader), float(reader.get_avg_fps())
     indices = video_frame_indices(n_frames, fps)
     unique, inverse = np.unique(indices, return_inverse=True)
-    frames = reader.get_batch(unique.tolist()).asnumpy()[inverse.reshape(-1)]
-    frames = frames.reshape(*indices.shape, *frames.shape[1:])  # [5, 2, H, W, 3]
-    height, width = frames.shape[-3:-1]
-    face = _largest_face(frames[len(frames) // 2, 0]) if detect_face else None
-    box = None
-    if face is not None:
-        frames, (x0, y0, x1, y1) = crop_square(frames, face)
-        box = (x0 / width, y0 / height, x1 / width, y1 / height)
-    else:  # no face found: the centre square, so every clip yields the same [5, 2, 224, 224, 3]
-        side = min(height, width)
-        frames, _ = crop_square(frames, ((width - side) // 2, (height - side) // 2, side, side), margin=1.0)
-    frames = short_side_resize(frames, IMAGE_SIZE)
-    return frames, (None if not detect_face else face is not None), box
+    full = reader.get_batch(unique.tolist()).asnumpy()
+    height, width = full.shape[1:3]
+
+    result = None
+    if settings.method == "sync":
+        small, scale = read_small_frames(path)
+        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every)
+        out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible
+        if result.track is not None:
+            out.speaker_track_frames = len(result.track)
+            median = np.median(result.track.boxes, axis=0) * result.scale
+            out.speaker_box = tuple(float(v) for v in median / [width, height, width, height])
+    use_track = result is not None and result.track is not None and result.face_visible is not False
+    side = min(height, width)
+    centre = np.array([(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2])
+    crops = [
+        crop_square(frame, result.box_at(index / fps), settings.crop_margin) if use_track else crop_square(frame, centre, 1.0)
+        for frame, index in zip(full, unique)
+    ]  # fmt: skip
+    out.frames = np.stack(crops)[inverse.reshape(-1)].reshape(*indices.shape, IMAGE_SIZE, IMAGE_SIZE, 3)

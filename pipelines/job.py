@@ -26,7 +26,7 @@ import pyarrow as pa
 from featurestore import Store
 from infra.config import MergConfig, PreprocessConfig
 from infra.progress import progress_bar
-from pipelines.decode import decode_clip
+from pipelines.decode import SpeakerSettings, decode_clip
 from pipelines.fusion import fuse, fused_width
 from pipelines.imagebind import (
     AUDIO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, MEL_BINS, SIZES, TARGET_FRAMES, VIDEO_CLIPS,
@@ -36,7 +36,7 @@ from pipelines.meld import Utterance, read_splits
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: active-speaker stage replaces the largest-face crop
 DECODE_MEMORY = 1024**3  # bytes per decode task: one clip's frames and audio, decoded
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -60,9 +60,9 @@ class PreprocessReport:
 
 
 # ---- stages ---------------------------------------------------------------------------------------
-def decode_row(row: dict[str, Any], detect_face: bool = True) -> dict[str, Any]:
+def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
     """CPU stage: one clip -> fixed-shape arrays plus flags (zeros where a modality is missing)."""
-    clip = decode_clip(row["key"], row["path"] or None, row["sha256"] or None, detect_face=detect_face)
+    clip = decode_clip(row["key"], row["path"] or None, row["sha256"] or None, speaker)
     stage, reason, detail = clip.failure or ("", "", "")
     box = clip.speaker_box or (np.nan,) * 4
     return {
@@ -74,6 +74,9 @@ def decode_row(row: dict[str, Any], detect_face: bool = True) -> dict[str, Any]:
         "has_frames": clip.frames is not None,
         "face_visible": -1 if clip.face_visible is None else int(clip.face_visible),
         "speaker_box": np.asarray(box, np.float32),
+        "asd_method": clip.asd_method or "",
+        "asd_score": np.float32(clip.asd_score if clip.asd_score is not None else np.nan),
+        "track_frames": clip.speaker_track_frames or 0,
         "audio_feat": clip.audio if clip.audio is not None else np.zeros(_AUDIO_SHAPE, np.float32),
         "frames": clip.frames if clip.frames is not None else np.zeros(_FRAMES_SHAPE, np.uint8),
         "fail_stage": stage,
@@ -159,6 +162,9 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
         "fps": pa.array(batch["fps"], pa.float32(), mask=np.isnan(batch["fps"])),
         "has_audio": pa.array(batch["has_audio_stream"].astype(bool)),
         "face_visible": pa.array([None if f < 0 else bool(f) for f in face], pa.bool_()),
+        "asd_method": pa.array([str(m) or None for m in batch["asd_method"]], pa.string()),
+        "asd_score": pa.array(batch["asd_score"], pa.float32(), mask=np.isnan(batch["asd_score"])),
+        "speaker_track_frames": pa.array(batch["track_frames"], pa.int32(), mask=batch["track_frames"] == 0),
         "speaker_box": _vectors(np.nan_to_num(box), ~np.isnan(box).any(axis=1)),
         "audio_emb": _vectors(batch["audio_emb"], has_audio),
         "vision_emb": _vectors(batch["vision_emb"], has_frames),
@@ -169,9 +175,16 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
     return table
 
 
+def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
+    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin)
+
+
 def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
     """What decides a row's embeddings: a change here means recompute."""
-    relevant = dict(encoder=encoder, weights=weights, fusion=pc.fusion, detect_face=pc.detect_face, pipeline=PIPELINE_VERSION)
+    relevant = dict(
+        encoder=encoder, weights=weights, fusion=pc.fusion, pipeline=PIPELINE_VERSION, asd=pc.asd_method,
+        asd_threshold=pc.asd_threshold, detect_every=pc.detect_every, crop_margin=pc.crop_margin,
+    )  # fmt: skip
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -263,7 +276,7 @@ def _run_media(
         ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pc.batch_size)))
         # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
         # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
-        .map(decode_row, fn_kwargs={"detect_face": pc.detect_face}, num_cpus=1, memory=DECODE_MEMORY)
+        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, memory=DECODE_MEMORY)
         .map_batches(
             ImageBindStage,
             fn_constructor_kwargs=dict(

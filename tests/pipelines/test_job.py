@@ -40,6 +40,9 @@ def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ra
             assert (key, "missing_file" if expected == "missing" else expected) in failures
     row = next(r for r in rows.values() if r["fused_emb"] is not None)
     assert row["encoder_checkpoint"] == "random-init:0" and row["fusion"] == "mean_l2"
+    visible = store.query(face_visible=True, columns=["key", "asd_method", "asd_score", "speaker_box"]).to_pylist()
+    assert len(visible) >= 0.8 * sum(EXPECTED.get(t["fault"]) in (None, "text_repaired") for t in truth.values())
+    assert all(v["asd_method"] == "sync" and v["asd_score"] >= 0.3 and v["speaker_box"] for v in visible)
     assert len(row["fused_emb"]) == store.fused_dim == 128
 
     again = run_preprocess(_config(mini_meld, tmp_path / "store"))

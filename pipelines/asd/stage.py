@@ -1,0 +1,98 @@
+"""The active-speaker stage: detect faces, track them, score each track, pick the speaker.
+
+    frames at 25 fps (small) -> faces on every k-th frame -> IoU tracks -> sync score per track
+    -> the best track, if its score passes the threshold, is the speaker
+
+Frames for detection and scoring are decoded small (short side <= 360 px): faces in MELD's frames are
+large and the mouth-motion signal does not need more. The chosen track's boxes are then used to cut
+the speaker's face out of the full-resolution frames ImageBind sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
+from pipelines.asd.tracking import Track, build_tracks
+from pipelines.media import rms_per_frame
+
+ASD_FPS = 25.0
+DETECT_SHORT_SIDE = 360
+
+
+@dataclass
+class SpeakerResult:
+    method: str  # "sync" | "largest_track" (no audio to score with) | "none" (no face track)
+    face_visible: bool | None  # None: a face is there, but without audio nobody can say who speaks
+    score: float | None
+    track: Track | None  # boxes in the small frames' pixels, frames at ASD_FPS
+    scale: float  # small frame pixels -> full frame pixels
+    n_tracks: int
+
+    def box_at(self, time_s: float) -> np.ndarray | None:
+        """The speaker's box (full-resolution pixels) at a time, clamped to the track's span."""
+        if self.track is None:
+            return None
+        index = int(np.clip(round(time_s * ASD_FPS) - self.track.frames[0], 0, len(self.track) - 1))
+        return self.track.boxes[index] * self.scale
+
+
+_CASCADE = None
+
+
+def _cascade() -> cv2.CascadeClassifier:
+    global _CASCADE  # one classifier per worker process, loaded on first use
+    if _CASCADE is None:
+        _CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    return _CASCADE
+
+
+def detect_faces(frame_rgb: np.ndarray, min_size: int = 24) -> np.ndarray:
+    """Haar-cascade face boxes (x0, y0, x1, y1) in one RGB frame; [k, 4] float."""
+    gray = cv2.equalizeHist(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY))
+    faces = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, minSize=(min_size, min_size))
+    if len(faces) == 0:
+        return np.zeros((0, 4))
+    faces = np.asarray(faces, dtype=float)
+    return np.stack([faces[:, 0], faces[:, 1], faces[:, 0] + faces[:, 2], faces[:, 1] + faces[:, 3]], axis=1)
+
+
+def read_small_frames(path: str, short_side: int = DETECT_SHORT_SIDE) -> tuple[np.ndarray, float]:
+    """All frames resampled to 25 fps and scaled to `short_side`; returns (frames, small->full scale)."""
+    import decord
+
+    probe = decord.VideoReader(path, num_threads=1)
+    height, width = probe[0].shape[:2]
+    native_fps, n_native = float(probe.get_avg_fps()), len(probe)
+    scale = max(1.0, min(height, width) / short_side)
+    reader = probe if scale == 1.0 else decord.VideoReader(
+        path, num_threads=1, width=int(round(width / scale / 2) * 2), height=int(round(height / scale / 2) * 2)
+    )  # fmt: skip
+    times = np.arange(0.0, n_native / native_fps, 1.0 / ASD_FPS)
+    indices = np.minimum(np.round(times * native_fps).astype(int), n_native - 1)
+    return reader.get_batch(indices.tolist()).asnumpy(), width / reader[0].shape[1]
+
+
+def find_speaker(
+    frames: np.ndarray,
+    scale: float,
+    audio_16k: np.ndarray | None,
+    threshold: float = DEFAULT_THRESHOLD,
+    detect_every: int = 5,
+) -> SpeakerResult:
+    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS)."""
+    n = len(frames)
+    detections = [detect_faces(frames[i]) if i % detect_every == 0 or i == n - 1 else np.zeros((0, 4)) for i in range(n)]
+    tracks = build_tracks(detections, min_length=min(10, n))
+    if not tracks:
+        return SpeakerResult("none", False, None, None, scale, 0)
+    if audio_16k is None or not np.any(audio_16k):
+        longest = max(tracks, key=len)
+        return SpeakerResult("largest_track", None, None, longest, scale, len(tracks))
+    envelope = rms_per_frame(audio_16k, 16_000, ASD_FPS, n)
+    scores = [sync_score(mouth_motion(frames[t.frames], t.boxes), envelope[t.frames]) for t in tracks]
+    best = int(np.argmax(scores))
+    return SpeakerResult("sync", scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks))
