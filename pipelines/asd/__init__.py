@@ -1,7 +1,7 @@
 """Active speaker detection: faces, tracks, and a scorer that says which track speaks.
 
-Built so far: `tracking` (TalkNet-demo IoU tracking) and `sync` (the weight-free audio-visual
-synchrony scorer). Still to come (issue 5): the detection stage over all frames, the TalkNet model,
-and wiring the stage into the preprocessing job in place of the largest-face crop in
-`pipelines.decode`.
+`stage.find_speaker` is the stage the preprocessing job runs (through `pipelines.decode`): Haar faces
+on every k-th frame at 25 fps, `tracking` (TalkNet-demo IoU tracks), `sync` (the weight-free
+audio-visual synchrony scorer). Still to come (issue 5): the TalkNet scorer for users with its
+checkpoint, `--save-crops`, `merg asd show`.
 """

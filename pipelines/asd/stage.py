@@ -20,7 +20,8 @@ from pipelines.asd.tracking import Track, build_tracks
 from pipelines.media import rms_per_frame
 
 ASD_FPS = 25.0
-DETECT_SHORT_SIDE = 360
+SCORE_SHORT_SIDE = 360  # frames for tracking and mouth motion
+DETECT_SHORT_SIDE = 240  # faces are found on a further downscaled copy: Haar's cost grows with pixels
 
 
 @dataclass
@@ -50,17 +51,20 @@ def _cascade() -> cv2.CascadeClassifier:
     return _CASCADE
 
 
-def detect_faces(frame_rgb: np.ndarray, min_size: int = 24) -> np.ndarray:
-    """Haar-cascade face boxes (x0, y0, x1, y1) in one RGB frame; [k, 4] float."""
-    gray = cv2.equalizeHist(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY))
-    faces = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, minSize=(min_size, min_size))
+def detect_faces(frame_rgb: np.ndarray, min_size: int = 20) -> np.ndarray:
+    """Haar-cascade face boxes (x0, y0, x1, y1) in one RGB frame, in its pixels; [k, 4] float."""
+    gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
+    shrink = max(1.0, min(gray.shape) / DETECT_SHORT_SIDE)
+    if shrink > 1.0:
+        gray = cv2.resize(gray, None, fx=1 / shrink, fy=1 / shrink, interpolation=cv2.INTER_AREA)
+    faces = _cascade().detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=4, minSize=(min_size, min_size))
     if len(faces) == 0:
         return np.zeros((0, 4))
-    faces = np.asarray(faces, dtype=float)
+    faces = np.asarray(faces, dtype=float) * shrink
     return np.stack([faces[:, 0], faces[:, 1], faces[:, 0] + faces[:, 2], faces[:, 1] + faces[:, 3]], axis=1)
 
 
-def read_small_frames(path: str, short_side: int = DETECT_SHORT_SIDE) -> tuple[np.ndarray, float]:
+def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np.ndarray, float]:
     """All frames resampled to 25 fps and scaled to `short_side`; returns (frames, small->full scale)."""
     import decord
 
