@@ -1,0 +1,304 @@
+"""TalkNet (Tao et al., 2021): audio-visual active speaker detection, in plain PyTorch.
+
+Written for merg so that the official checkpoint `pretrain_TalkSet.model` loads strictly: module
+names, parameter names and shapes follow the official layout (`model.visualFrontend.*`,
+`model.visualTCN.*`, `model.visualConv1D.*`, `model.audioEncoder.*`, `model.crossA2V.*`,
+`model.crossV2A.*`, `model.selfAV.*`, `lossAV.FC.*`, `lossA.FC.*`, `lossV.FC.*`).
+
+    visual: 112x112 grey mouth-centred face crops at 25 fps -> 3D conv + ResNet-18 -> 5 depthwise
+            temporal conv blocks -> 128-d per frame
+    audio:  13 MFCC at 100 frames/s (4 per video frame) -> SE-ResNet -> 128-d per video frame
+    cross attention both ways, joint self attention over the 256-d concatenation, a linear head:
+    a speaking score per frame (the logit of "speaking", > 0 means speaking).
+
+One deliberate difference: the official visual front end runs its temporal 3D convolution over the
+whole batch as one sequence, so frames of neighbouring samples leak into each other at the edges;
+here each sample is its own sequence (identical for batch size 1, which is how the demo scores).
+Without a checkpoint the model is random and its scores mean nothing: merg then uses `sync`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+GREY_MEAN, GREY_STD = 0.4161, 0.1688  # the visual front end's input normalisation
+CROP = 112
+MFCC_PER_FRAME = 4  # 100 MFCC frames/s against 25 video frames/s
+
+
+# ---- visual front end: 3D conv + ResNet-18 -----------------------------------------------------------
+class ResNetLayer(nn.Module):
+    """Two residual units; the first may downsample (its 1x1 `downsample` conv exists either way)."""
+
+    def __init__(self, inplanes: int, outplanes: int, stride: int):
+        super().__init__()
+        bn = dict(momentum=0.01, eps=0.001)
+        self.stride = stride
+        self.conv1a = nn.Conv2d(inplanes, outplanes, 3, stride=stride, padding=1, bias=False)
+        self.bn1a = nn.BatchNorm2d(outplanes, **bn)
+        self.conv2a = nn.Conv2d(outplanes, outplanes, 3, padding=1, bias=False)
+        self.downsample = nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False)
+        self.outbna = nn.BatchNorm2d(outplanes, **bn)
+        self.conv1b = nn.Conv2d(outplanes, outplanes, 3, padding=1, bias=False)
+        self.bn1b = nn.BatchNorm2d(outplanes, **bn)
+        self.conv2b = nn.Conv2d(outplanes, outplanes, 3, padding=1, bias=False)
+        self.outbnb = nn.BatchNorm2d(outplanes, **bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.conv2a(F.relu(self.bn1a(self.conv1a(x)))) + (x if self.stride == 1 else self.downsample(x))
+        second = self.conv2b(F.relu(self.bn1b(self.conv1b(F.relu(self.outbna(first)))))) + first
+        return F.relu(self.outbnb(second))
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer1 = ResNetLayer(64, 64, 1)
+        self.layer2 = ResNetLayer(64, 128, 2)
+        self.layer3 = ResNetLayer(128, 256, 2)
+        self.layer4 = ResNetLayer(256, 512, 2)
+        self.avgpool = nn.AvgPool2d(4, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
+class VisualFrontend(nn.Module):
+    """[B, T, 112, 112] normalised grey crops -> [B, T, 512]."""
+
+    def __init__(self):
+        super().__init__()
+        self.frontend3D = nn.Sequential(
+            nn.Conv3d(1, 64, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False),
+            nn.BatchNorm3d(64, momentum=0.01, eps=0.001),
+            nn.ReLU(),
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        )
+        self.resnet = ResNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        x = self.frontend3D(x.unsqueeze(1))  # [B, 64, T, 28, 28]
+        x = x.transpose(1, 2).reshape(b * t, 64, *x.shape[-2:])
+        return self.resnet(x).reshape(b, t, 512)
+
+
+class GlobalLayerNorm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2), keepdim=True)
+        var = (x - mean).pow(2).mean(dim=(1, 2), keepdim=True)
+        return self.gamma * (x - mean) / torch.sqrt(var + 1e-8) + self.beta
+
+
+class DSConv1d(nn.Module):
+    """Depthwise-separable temporal conv block with a residual connection."""
+
+    def __init__(self, channels: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReLU(),
+            nn.BatchNorm1d(channels),
+            nn.Conv1d(channels, channels, 3, padding=1, groups=channels, bias=False),
+            nn.PReLU(),
+            GlobalLayerNorm(channels),
+            nn.Conv1d(channels, channels, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + x
+
+
+class VisualTCN(nn.Module):
+    def __init__(self, blocks: int = 5):
+        super().__init__()
+        self.net = nn.Sequential(*(DSConv1d() for _ in range(blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VisualConv1D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(512, 256, 5, padding=2), nn.BatchNorm1d(256), nn.ReLU(), nn.Conv1d(256, 128, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---- audio encoder: SE-ResNet over MFCC ----------------------------------------------------------------
+class SELayer(nn.Module):
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(self.avg_pool(x).flatten(1))[:, :, None, None]
+
+
+class SEBasicBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride=1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.se = SELayer(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1(self.relu(self.conv1(x)))  # ReLU before BN, as the official block does
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class AudioEncoder(nn.Module):
+    """[B, 1, 13, 4T] MFCC -> [B, T, 128]."""
+
+    def __init__(self, layers=(3, 4, 6, 3), filters=(16, 32, 64, 128)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, filters[0], 7, stride=(2, 1), padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(filters[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = filters[0]
+        self.layer1 = self._make_layer(filters[0], layers[0], 1)
+        self.layer2 = self._make_layer(filters[1], layers[1], (2, 2))
+        self.layer3 = self._make_layer(filters[2], layers[2], (2, 2))
+        self.layer4 = self._make_layer(filters[3], layers[3], (1, 1))
+
+    def _make_layer(self, planes: int, blocks: int, stride) -> nn.Sequential:
+        downsample = None
+        if stride not in (1, (1, 1)) or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        units = [SEBasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        units += [SEBasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=2).transpose(1, 2)  # average over frequency
+
+
+# ---- attention and the model ---------------------------------------------------------------------------
+class AttentionLayer(nn.Module):
+    """`src` attends to `tar` (cross attention), or to itself (self attention), then a feed-forward."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.1):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, d_model * 4)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_model * 4, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: torch.Tensor, tar: torch.Tensor) -> torch.Tensor:
+        src, tar = src.transpose(0, 1), tar.transpose(0, 1)  # [T, B, C]
+        src = self.norm1(src + self.dropout1(self.self_attn(tar, src, src)[0]))
+        src = self.norm2(src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+        return src.transpose(0, 1)
+
+
+class TalkNetModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visualFrontend = VisualFrontend()
+        self.visualTCN = VisualTCN()
+        self.visualConv1D = VisualConv1D()
+        self.audioEncoder = AudioEncoder()
+        self.crossA2V = AttentionLayer(128, 8)
+        self.crossV2A = AttentionLayer(128, 8)
+        self.selfAV = AttentionLayer(256, 8)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """audio [B, 4T, 13] MFCC, video [B, T, 112, 112] grey uint8-range -> [B, T, 256]."""
+        v = self.visualFrontend((video / 255 - GREY_MEAN) / GREY_STD)  # [B, T, 512]
+        v = self.visualConv1D(self.visualTCN(v.transpose(1, 2))).transpose(1, 2)  # [B, T, 128]
+        a = self.audioEncoder(audio.unsqueeze(1).transpose(2, 3))  # [B, T, 128]
+        a, v = self.crossA2V(src=a, tar=v), self.crossV2A(src=v, tar=a)
+        joint = torch.cat((a, v), dim=2)
+        return self.selfAV(src=joint, tar=joint)
+
+
+class Head(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.FC = nn.Linear(width, 2)
+
+
+class TalkNet(nn.Module):
+    """The checkpoint's top level: the model plus the audio-visual, audio and visual heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = TalkNetModel()
+        self.lossAV = Head(256)
+        self.lossA = Head(128)
+        self.lossV = Head(128)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """Speaking logit per frame, [B, T] (> 0: speaking), as the official demo scores."""
+        return self.lossAV.FC(self.model(audio, video))[..., 1]
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load_talknet(path: Path | str) -> TalkNet:
+    """Build TalkNet and load `pretrain_TalkSet.model` strictly (a leading `module.` is stripped)."""
+    model = TalkNet()
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointMismatch(
+            f"{path} does not fit TalkNet ({len(expected)} tensors): {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of the wrong shape {wrong[:3]}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def talknet_inputs(gray_faces: np.ndarray, mfcc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey face crops [T, 224, 224] (uint8) and MFCC [>= 4T, 13] -> the model's [1, ...] inputs.
+
+    The centre 112x112 of each 224 crop, as the official demo feeds it; audio cut to 4 frames per
+    video frame.
+    """
+    t = min(len(gray_faces), len(mfcc) // MFCC_PER_FRAME)
+    lo, hi = 112 - CROP // 2, 112 + CROP // 2
+    video = torch.as_tensor(gray_faces[:t, lo:hi, lo:hi], dtype=torch.float32)[None]
+    audio = torch.as_tensor(mfcc[: t * MFCC_PER_FRAME], dtype=torch.float32)[None]
+    return audio, video
+
+
+def mfcc_100fps(audio_16k: np.ndarray) -> np.ndarray:
+    """13 MFCC at 100 frames/s (25 ms window, 10 ms step), as TalkNet was trained: [frames, 13]."""
+    from python_speech_features import mfcc
+
+    return mfcc(audio_16k, 16_000, numcep=13, winlen=0.025, winstep=0.010).astype(np.float32)

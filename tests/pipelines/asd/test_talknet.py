@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.asd.talknet import CheckpointMismatch, TalkNet, load_talknet, mfcc_100fps, talknet_inputs
+
+OFFICIAL_KEYS = [  # a sample of the keys in pretrain_TalkSet.model
+    "model.visualFrontend.frontend3D.0.weight",
+    "model.visualFrontend.frontend3D.1.running_var",
+    "model.visualFrontend.resnet.layer4.outbnb.weight",
+    "model.visualTCN.net.0.net.1.weight",
+    "model.visualTCN.net.4.net.4.gamma",
+    "model.visualConv1D.net.0.weight",
+    "model.audioEncoder.conv1.weight",
+    "model.audioEncoder.layer3.5.se.fc.2.bias",
+    "model.audioEncoder.layer2.0.downsample.0.weight",
+    "model.crossA2V.self_attn.in_proj_weight",
+    "model.crossV2A.self_attn.out_proj.bias",
+    "model.selfAV.norm2.weight",
+    "lossAV.FC.weight",
+    "lossA.FC.bias",
+    "lossV.FC.weight",
+]
+
+
+def test_official_layout_and_size():
+    model = TalkNet()
+    keys = set(model.state_dict())
+    assert all(k in keys for k in OFFICIAL_KEYS)
+    params = sum(p.numel() for p in model.model.parameters())
+    assert round(params / 1024 / 1024, 2) == 15.01  # what the official code prints for TalkNet
+
+
+def test_forward_gives_a_score_per_video_frame():
+    model = TalkNet().eval()
+    with torch.no_grad():
+        scores = model(torch.randn(2, 4 * 30, 13), torch.rand(2, 30, 112, 112) * 255)
+    assert scores.shape == (2, 30)
+
+
+def test_inputs_from_crops_and_audio():
+    audio = np.random.default_rng(0).normal(scale=0.1, size=16_000 * 2).astype(np.float32)
+    mfcc = mfcc_100fps(audio)
+    assert mfcc.shape == (199, 13)  # 100 frames/s
+    audio_in, video_in = talknet_inputs(np.zeros((50, 224, 224), np.uint8), mfcc)
+    assert video_in.shape == (1, 49, 112, 112) and audio_in.shape == (1, 196, 13)  # cut to 4 MFCC per frame
+
+
+def test_checkpoint_loads_strictly_with_module_prefix(tmp_path):
+    source = TalkNet()
+    path = tmp_path / "pretrain_TalkSet.model"
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)  # as saved from DataParallel
+    loaded = load_talknet(path)
+    assert torch.equal(loaded.lossAV.FC.weight, source.lossAV.FC.weight)
+    assert not loaded.training
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("model.selfAV.linear1.weight"), "1 missing"),
+    (lambda s: s.__setitem__("model.extra.weight", torch.zeros(1)), "1 unexpected"),
+    (lambda s: s.__setitem__("lossAV.FC.weight", torch.zeros(2, 128)), "1 of the wrong shape"),
+])  # fmt: skip
+def test_checkpoint_mismatch_fails_loudly(tmp_path, damage, message):
+    state = TalkNet().state_dict()
+    damage(state)
+    path = tmp_path / "bad.model"
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatch, match=message):
+        load_talknet(path)
