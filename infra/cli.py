@@ -151,6 +151,8 @@ def preprocess(
     batch_size: Annotated[Optional[int], typer.Option(help="Clips per encoder call.")] = None,
     imagebind_checkpoint: Annotated[Optional[Path], typer.Option(help="Path to imagebind_huge.pth.")] = None,
     fusion: Annotated[Optional[str], typer.Option(help="mean_l2 | sum_raw | concat.")] = None,
+    asd: Annotated[Optional[str], typer.Option(help="Active speaker: sync | talknet | none.")] = None,
+    talknet_checkpoint: Annotated[Optional[Path], typer.Option(help="pretrain_TalkSet.model (for --asd talknet).")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -163,7 +165,7 @@ def preprocess(
         preprocess__no_media=no_media, preprocess__force=force, preprocess__ray_address=ray_address,
         preprocess__encoder_gpus=encoder_gpus, preprocess__encoder_actors=encoder_actors,
         preprocess__batch_size=batch_size, preprocess__imagebind_checkpoint=imagebind_checkpoint,
-        preprocess__fusion=fusion,
+        preprocess__fusion=fusion, preprocess__asd_method=asd, preprocess__talknet_checkpoint=talknet_checkpoint,
     )  # fmt: skip
     report = run_preprocess(cfg)
     if report.encoder_checkpoint.startswith("random-init"):

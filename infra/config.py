@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,11 +91,20 @@ class PreprocessConfig(_Section):
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None
     fusion: Literal["mean_l2", "sum_raw", "concat"] = "mean_l2"
-    asd_method: Literal["sync", "none"] = Field("sync", description="speaker detection; none: centre crop")
+    asd_method: Literal["sync", "talknet", "none"] = Field("sync", description="speaker detection; none: centre crop")
+    talknet_checkpoint: Path | None = Field(None, description="pretrain_TalkSet.model, for asd_method talknet")
     asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
     detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps)")
     crop_margin: float = Field(1.4, ge=1.0, description="face crop side / face box side")
     seed: int = 0
+
+
+    @model_validator(mode="after")
+    def _talknet_needs_weights(self) -> "PreprocessConfig":
+        # a random-init TalkNet must never choose a speaker
+        if self.asd_method == "talknet" and self.talknet_checkpoint is None:
+            raise ValueError("asd_method talknet needs talknet_checkpoint (pretrain_TalkSet.model); without it use sync")
+        return self
 
 
 class MergConfig(_Section):

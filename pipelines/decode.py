@@ -15,22 +15,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 
 from pipelines.asd.stage import find_speaker, read_small_frames
 from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, video_frame_indices
-from pipelines.media import probe_clip
+from pipelines.media import crop_square, probe_clip
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SpeakerSettings:
-    method: str = "sync"  # "sync" | "none" (centre square, no detection)
-    threshold: float = 0.3
+    method: str = "sync"  # "sync" | "talknet" (needs talknet_checkpoint) | "none" (centre square)
+    threshold: float = 0.3  # for sync; TalkNet's own threshold is a logit of 0
     detect_every: int = 5
     crop_margin: float = 1.4  # crop side / face box side: keeps chin, hair and some context
+    talknet_checkpoint: str | None = None
+
+
+_TALKNET: dict[str, object] = {}  # one loaded model per checkpoint and worker process
+
+
+def _talknet(checkpoint: str):
+    if checkpoint not in _TALKNET:
+        from pipelines.asd.talknet import load_talknet
+
+        _TALKNET[checkpoint] = load_talknet(checkpoint)
+    return _TALKNET[checkpoint]
 
 
 @dataclass
@@ -63,17 +74,6 @@ def read_audio_16k(path: Path | str) -> np.ndarray | None:
         for out in resampler.resample(None):  # flush
             chunks.append(out.to_ndarray().reshape(-1))
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-
-
-def crop_square(frame: np.ndarray, box: np.ndarray, margin: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A square around `box` (x0, y0, x1, y1) grown by `margin`, kept inside the frame, resized to `size`."""
-    height, width = frame.shape[:2]
-    side = int(min(max(box[2] - box[0], box[3] - box[1]) * margin, height, width))
-    side = max(side, 2)
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    x0 = int(np.clip(cx - side / 2, 0, width - side))
-    y0 = int(np.clip(cy - side / 2, 0, height - side))
-    return cv2.resize(frame[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
 def decode_clip(
@@ -119,9 +119,10 @@ def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, se
     height, width = full.shape[1:3]
 
     result = None
-    if settings.method == "sync":
+    if settings.method in ("sync", "talknet"):
         small, scale = read_small_frames(path)
-        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every)
+        talknet = _talknet(settings.talknet_checkpoint) if settings.method == "talknet" else None
+        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every, talknet)
         out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible
         if result.track is not None:
             out.speaker_track_frames = len(result.track)

@@ -176,7 +176,8 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
 
 
 def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
-    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin)
+    checkpoint = str(pc.talknet_checkpoint) if pc.talknet_checkpoint else None
+    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint)
 
 
 def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
@@ -184,6 +185,7 @@ def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
     relevant = dict(
         encoder=encoder, weights=weights, fusion=pc.fusion, pipeline=PIPELINE_VERSION, asd=pc.asd_method,
         asd_threshold=pc.asd_threshold, detect_every=pc.detect_every, crop_margin=pc.crop_margin,
+        talknet=file_sha256(pc.talknet_checkpoint) if pc.talknet_checkpoint else None,
     )  # fmt: skip
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

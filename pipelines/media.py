@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 # Shorter than this, neither TalkNet's windows nor ImageBind's 2 s clips have anything to see.
@@ -38,6 +39,17 @@ def rms_per_frame(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int
         chunk = audio[int(i * hop) : int((i + 1) * hop)]
         rms[i] = np.sqrt(np.mean(np.square(chunk, dtype=np.float64))) if chunk.size else 0.0
     return rms
+
+
+def crop_square(frame: np.ndarray, box: np.ndarray, margin: float, size: int = 224) -> np.ndarray:
+    """A square around `box` (x0, y0, x1, y1) grown by `margin`, kept inside the frame, resized to `size`."""
+    height, width = frame.shape[:2]
+    side = int(min(max(box[2] - box[0], box[3] - box[1]) * margin, height, width))
+    side = max(side, 2)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = int(np.clip(cx - side / 2, 0, width - side))
+    y0 = int(np.clip(cy - side / 2, 0, height - side))
+    return cv2.resize(frame[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
 def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
 from pipelines.asd.tracking import Track, build_tracks
-from pipelines.media import rms_per_frame
+from pipelines.media import crop_square, rms_per_frame
 
 ASD_FPS = 25.0
 SCORE_SHORT_SIDE = 360  # frames for tracking and mouth motion
@@ -98,8 +98,44 @@ def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) 
     return [sync_score(mouth_motion(frames[t.frames], t.boxes), envelope[t.frames]) for t in tracks]
 
 
+TALKNET_WINDOWS_S = (1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)  # the official demo's windows, averaged
+TALKNET_THRESHOLD = 0.0  # a mean speaking logit above 0 means speaking
+
+
+def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray, model, margin: float = 1.4) -> list[float]:
+    """Mean TalkNet speaking logit of every track, over the official demo's window lengths."""
+    import torch
+
+    from pipelines.asd.talknet import MFCC_PER_FRAME, mfcc_100fps, talknet_inputs
+
+    mfcc = mfcc_100fps(audio_16k)
+    out = []
+    for track in tracks:
+        gray = np.stack([
+            cv2.cvtColor(crop_square(frames[f], box, margin), cv2.COLOR_RGB2GRAY) for f, box in zip(track.frames, track.boxes)
+        ])  # fmt: skip
+        first = track.frames[0] * MFCC_PER_FRAME
+        audio, video = talknet_inputs(gray, mfcc[first : first + len(track) * MFCC_PER_FRAME])
+        length = video.shape[1]
+        if length == 0:
+            out.append(float("-inf"))
+            continue
+        per_frame = []
+        with torch.inference_mode():
+            for seconds in TALKNET_WINDOWS_S:
+                step = int(seconds * ASD_FPS)
+                logits = [
+                    model(audio[:, i * MFCC_PER_FRAME : (i + step) * MFCC_PER_FRAME], video[:, i : i + step])[0]
+                    for i in range(0, length, step)
+                ]
+                per_frame.append(torch.cat(logits).numpy())
+        out.append(float(np.mean(per_frame)))
+    return out
+
+
 def choose_speaker(
-    tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD
+    tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD,
+    method: str = "sync",
 ) -> SpeakerResult:
     """The track that best follows the speech, visible if its score passes `threshold`.
 
@@ -112,8 +148,10 @@ def choose_speaker(
     if scores is None:
         return SpeakerResult("largest_track", None, None, max(tracks, key=len), scale, len(tracks))
     longest = max(len(t) for t in tracks)
-    best = int(np.argmax([score * len(t) / longest for score, t in zip(scores, tracks)]))
-    return SpeakerResult("sync", scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks))
+    coverage = [len(t) / longest for t in tracks]
+    # sync scores are correlations (>= 0): shrink short fragments; TalkNet logits are ranked as they are
+    best = int(np.argmax([s * c for s, c in zip(scores, coverage)] if method == "sync" else scores))
+    return SpeakerResult(method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks))
 
 
 def find_speaker(
@@ -122,9 +160,13 @@ def find_speaker(
     audio_16k: np.ndarray | None,
     threshold: float = DEFAULT_THRESHOLD,
     detect_every: int = 5,
+    talknet=None,
 ) -> SpeakerResult:
-    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS)."""
+    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS), by `sync` or a TalkNet model."""
     tracks = face_tracks(frames, detect_every)
     has_speech = audio_16k is not None and np.any(audio_16k)
-    scores = sync_scores(frames, tracks, audio_16k) if tracks and has_speech else None
-    return choose_speaker(tracks, scores, scale, threshold)
+    if not (tracks and has_speech):
+        return choose_speaker(tracks, None, scale)
+    if talknet is not None:
+        return choose_speaker(tracks, talknet_scores(frames, tracks, audio_16k, talknet), scale, TALKNET_THRESHOLD, "talknet")
+    return choose_speaker(tracks, sync_scores(frames, tracks, audio_16k), scale, threshold)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.decode import crop_square, decode_clip, read_audio_16k
+from pipelines.decode import decode_clip, read_audio_16k
+from pipelines.media import crop_square
 from pipelines.synth import read_ground_truth
 from pipelines.synth.faults import EXPECTED
 

@@ -69,3 +69,25 @@ def test_checkpoint_mismatch_fails_loudly(tmp_path, damage, message):
     torch.save(state, path)
     with pytest.raises(CheckpointMismatch, match=message):
         load_talknet(path)
+
+
+def test_talknet_scorer_runs_in_the_stage(mini_meld, tmp_path):
+    """With a checkpoint (random here, so only the path is tested, not the choice) the stage uses TalkNet."""
+    from pipelines.decode import SpeakerSettings, decode_clip
+    from pipelines.synth import read_ground_truth
+
+    path = tmp_path / "pretrain_TalkSet.model"
+    torch.save(TalkNet().state_dict(), path)
+    truth = next(t for t in read_ground_truth(mini_meld).values() if t["fault"] is None)
+    clip = decode_clip(truth["key"], mini_meld / truth["clip"], speaker=SpeakerSettings(method="talknet", talknet_checkpoint=str(path)))
+    assert clip.failure is None and clip.asd_method == "talknet"
+    assert np.isfinite(clip.asd_score) and clip.frames.shape == (5, 2, 224, 224, 3)
+
+
+def test_random_talknet_never_chooses_a_speaker():
+    from pydantic import ValidationError
+
+    from infra.config import load_config
+
+    with pytest.raises(ValidationError, match="talknet_checkpoint"):
+        load_config(None, ["preprocess.asd_method=talknet"])
