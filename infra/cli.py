@@ -21,6 +21,8 @@ app.add_typer(data_app, name="data")
 store_app = typer.Typer(help="Inspect and query the Lance feature store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(store_app, name="store")
+asd_app = typer.Typer(help="Inspect active speaker detection.", no_args_is_help=True)
+app.add_typer(asd_app, name="asd")
 
 # Logs and pipes get wide tables rather than rich's 80-column default for non-terminals.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -189,6 +191,35 @@ def preprocess(
             failures.add_row(stage, reason, str(n))
         out.print(failures)
     out.print(f"encoder {report.encoder} ({report.encoder_checkpoint}), fusion {report.fusion}, config {report.config_hash}")
+
+
+@asd_app.command("show")
+def asd_show(
+    key: Annotated[str, typer.Argument(help="Utterance key, e.g. train/dia3_utt1.")],
+    meld_root: Annotated[Optional[Path], typer.Option(help="MELD root (default: the store row's clip path).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    out_png: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default: asd_<key>.png).")] = None,
+    tiles: Annotated[int, typer.Option(help="Frames on the sheet.")] = 8,
+) -> None:
+    """Render a PNG contact sheet of KEY's frames with every face track, its score and the chosen speaker."""
+    from pipelines.asd.show import contact_sheet
+    from pipelines.meld import read_split
+
+    if meld_root is not None:
+        records = {r.key: r for r in read_split(meld_root, key.split("/")[0]).records}
+        clip = records[key].clip_path if key in records else None
+    else:
+        from featurestore.store import build_filter
+
+        rows = _open_store(store).query(where=build_filter(key=key), columns=["clip_path"]).to_pylist()
+        clip = rows[0]["clip_path"] if rows else None
+    if clip is None or not Path(clip).exists():
+        out.print(f"[red]error:[/red] no clip for {key} (pass --meld-root, or preprocess it into the store first)")
+        raise typer.Exit(2)
+    target = out_png or Path(f"asd_{key.replace('/', '_')}.png")
+    result = contact_sheet(clip, target, tiles=tiles)
+    out.print(f"{key}: {result.n_tracks} track(s), method {result.method}, score "
+              f"{'-' if result.score is None else f'{result.score:.3f}'}, face visible {result.face_visible} -> {target}")  # fmt: skip
 
 
 # ---- merg store ------------------------------------------------------------------------------------

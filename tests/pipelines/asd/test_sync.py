@@ -36,3 +36,22 @@ def test_sync_picks_the_speaking_face_on_generated_clips(mini_meld):
     assert right / len(truths) >= 0.95, (right, len(truths))
     assert np.mean(np.array(speaking_scores) > DEFAULT_THRESHOLD) >= 0.9
     assert np.mean(np.array(silent_scores) < DEFAULT_THRESHOLD) >= 0.8  # 89% on 76 demo clips
+
+
+def test_asd_show_renders_a_contact_sheet(mini_meld, tmp_path):
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    key = next(t["key"] for t in read_ground_truth(mini_meld).values() if t["fault"] is None and len(t["faces"]) == 2)
+    out = tmp_path / "sheet.png"
+    result = CliRunner().invoke(app, ["asd", "show", key, "--meld-root", str(mini_meld), "--out", str(out), "--tiles", "4"])
+    assert result.exit_code == 0, result.output
+    assert "track(s), method sync" in result.output
+    from PIL import Image
+
+    with Image.open(out) as sheet:  # (cv2.imread can hit a zlib clash in a process that loaded torch)
+        sheet.load()
+        assert sheet.size[0] > sheet.size[1]  # 4 tiles side by side
+    missing = CliRunner().invoke(app, ["asd", "show", "train/dia999_utt0", "--meld-root", str(mini_meld)])
+    assert missing.exit_code == 2 and "no clip" in missing.output
