@@ -96,6 +96,7 @@ class PreprocessConfig(_Section):
     asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
     detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps)")
     crop_margin: float = Field(1.4, ge=1.0, description="face crop side / face box side")
+    save_crops: Path | None = Field(None, description="write each speaker's face track as an mp4 here")
     seed: int = 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipelines.asd.stage import find_speaker, read_small_frames
+from pipelines.asd.stage import ASD_FPS, SpeakerResult, find_speaker, read_small_frames
 from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, video_frame_indices
 from pipelines.media import crop_square, probe_clip
 
@@ -31,6 +31,7 @@ class SpeakerSettings:
     detect_every: int = 5
     crop_margin: float = 1.4  # crop side / face box side: keeps chin, hair and some context
     talknet_checkpoint: str | None = None
+    save_crops: str | None = None  # folder: the speaker's face track as <split>/<diaD_uttU>.mp4
 
 
 _TALKNET: dict[str, object] = {}  # one loaded model per checkpoint and worker process
@@ -107,6 +108,19 @@ def decode_clip(
     return out
 
 
+def save_track_video(target: Path, frames: np.ndarray, result: SpeakerResult, margin: float) -> None:
+    """The chosen track's face crops (224 px, 25 fps) as an H.264 mp4, for looking at."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(target), "w") as container:
+        stream = container.add_stream("libx264", rate=int(ASD_FPS))
+        stream.width = stream.height = IMAGE_SIZE
+        stream.pix_fmt = "yuv420p"
+        for index, box in zip(result.track.frames, result.track.boxes):
+            image = av.VideoFrame.from_ndarray(crop_square(frames[index], box, margin), format="rgb24")
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+
+
 def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, settings: SpeakerSettings) -> None:
     """Fill `out.frames` ([5, 2, 224, 224, 3]) with the speaker's face, and the speaker fields."""
     import decord
@@ -123,6 +137,8 @@ def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, se
         small, scale = read_small_frames(path)
         talknet = _talknet(settings.talknet_checkpoint) if settings.method == "talknet" else None
         result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every, talknet)
+        if settings.save_crops and result.track is not None:
+            save_track_video(Path(settings.save_crops) / f"{out.key}.mp4", small, result, settings.crop_margin)
         out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible
         if result.track is not None:
             out.speaker_track_frames = len(result.track)

@@ -177,7 +177,8 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
 
 def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
     checkpoint = str(pc.talknet_checkpoint) if pc.talknet_checkpoint else None
-    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint)
+    crops = str(pc.save_crops) if pc.save_crops else None
+    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops)
 
 
 def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:

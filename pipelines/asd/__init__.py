@@ -2,6 +2,6 @@
 
 `stage.find_speaker` is the stage the preprocessing job runs (through `pipelines.decode`): Haar faces
 on every k-th frame at 25 fps, `tracking` (TalkNet-demo IoU tracks), `sync` (the weight-free
-audio-visual synchrony scorer). Still to come (issue 5): the TalkNet scorer for users with its
-checkpoint, `--save-crops`, `merg asd show`.
+audio-visual synchrony scorer) or `talknet` (TalkNet, for users with its checkpoint); `show` renders
+a contact sheet of the decision for `merg asd show`.
 """

@@ -75,3 +75,14 @@ def test_crop_square_stays_inside_the_frame():
     crop = crop_square(frame, np.array([180, 80, 210, 110]), margin=1.4)
     assert crop.shape == (224, 224, 3)
     assert crop.mean() > 0  # shifted left to stay inside, still on the face's (white) side
+
+
+def test_save_crops_writes_the_speaker_track(mini_meld, tmp_path):
+    import decord
+
+    from pipelines.decode import SpeakerSettings
+
+    truth = next(t for t in read_ground_truth(mini_meld).values() if t["fault"] is None and len(t["faces"]) == 2)
+    clip = decode_clip(truth["key"], mini_meld / truth["clip"], speaker=SpeakerSettings(save_crops=str(tmp_path)))
+    video = decord.VideoReader(str(tmp_path / f"{truth['key']}.mp4"))
+    assert video[0].shape == (224, 224, 3) and len(video) == clip.speaker_track_frames
