@@ -103,34 +103,35 @@ TALKNET_THRESHOLD = 0.0  # a mean speaking logit above 0 means speaking
 
 
 def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray, model, margin: float = 1.4) -> list[float]:
-    """Mean TalkNet speaking logit of every track, over the official demo's window lengths."""
+    """Mean TalkNet speaking logit of every track, over the official demo's window lengths.
+
+    Windows of the same length are batched across all tracks (one forward per length and duration
+    rather than one per window and track).
+    """
     import torch
 
     from pipelines.asd.talknet import MFCC_PER_FRAME, mfcc_100fps, talknet_inputs
 
     mfcc = mfcc_100fps(audio_16k)
-    out = []
+    inputs = []
     for track in tracks:
-        gray = np.stack([
-            cv2.cvtColor(crop_square(frames[f], box, margin), cv2.COLOR_RGB2GRAY) for f, box in zip(track.frames, track.boxes)
-        ])  # fmt: skip
+        gray = np.stack([cv2.cvtColor(crop_square(frames[f], box, margin), cv2.COLOR_RGB2GRAY) for f, box in zip(track.frames, track.boxes)])
         first = track.frames[0] * MFCC_PER_FRAME
-        audio, video = talknet_inputs(gray, mfcc[first : first + len(track) * MFCC_PER_FRAME])
-        length = video.shape[1]
-        if length == 0:
-            out.append(float("-inf"))
-            continue
-        per_frame = []
-        with torch.inference_mode():
-            for seconds in TALKNET_WINDOWS_S:
-                step = int(seconds * ASD_FPS)
-                logits = [
-                    model(audio[:, i * MFCC_PER_FRAME : (i + step) * MFCC_PER_FRAME], video[:, i : i + step])[0]
-                    for i in range(0, length, step)
-                ]
-                per_frame.append(torch.cat(logits).numpy())
-        out.append(float(np.mean(per_frame)))
-    return out
+        inputs.append(talknet_inputs(gray, mfcc[first : first + len(track) * MFCC_PER_FRAME]))
+    sums = [np.zeros(video.shape[1], np.float64) for _, video in inputs]
+    with torch.inference_mode():
+        for seconds in TALKNET_WINDOWS_S:
+            step = int(seconds * ASD_FPS)
+            by_length: dict[int, list[tuple[int, int]]] = {}
+            for t, (_, video) in enumerate(inputs):
+                for start in range(0, video.shape[1], step):
+                    by_length.setdefault(min(step, video.shape[1] - start), []).append((t, start))
+            for length, windows in by_length.items():
+                audio = torch.cat([inputs[t][0][:, s * MFCC_PER_FRAME : (s + length) * MFCC_PER_FRAME] for t, s in windows])
+                video = torch.cat([inputs[t][1][:, s : s + length] for t, s in windows])
+                for (t, s), logits in zip(windows, model(audio, video).numpy()):
+                    sums[t][s : s + length] += logits
+    return [float(total.mean() / len(TALKNET_WINDOWS_S)) if total.size else float("-inf") for total in sums]
 
 
 def choose_speaker(

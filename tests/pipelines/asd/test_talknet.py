@@ -91,3 +91,31 @@ def test_random_talknet_never_chooses_a_speaker():
 
     with pytest.raises(ValidationError, match="talknet_checkpoint"):
         load_config(None, ["preprocess.asd_method=talknet"])
+
+
+def test_batched_scoring_equals_window_by_window():
+    """Batching windows across tracks changes nothing but speed."""
+    from pipelines.asd.stage import TALKNET_WINDOWS_S, talknet_scores
+    from pipelines.asd.tracking import Track
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, size=(60, 120, 160, 3), dtype=np.uint8)
+    tracks = [Track(np.arange(0, 60), np.tile([10.0, 10, 60, 60], (60, 1))), Track(np.arange(5, 45), np.tile([80.0, 20, 140, 80], (40, 1)))]
+    audio = rng.normal(scale=0.1, size=16_000 * 3).astype(np.float32)
+    model = TalkNet().eval()
+    batched = talknet_scores(frames, tracks, audio, model)
+
+    from pipelines.asd.talknet import mfcc_100fps
+    from pipelines.media import crop_square
+    import cv2
+
+    mfcc = mfcc_100fps(audio)
+    for track, score in zip(tracks, batched):
+        gray = np.stack([cv2.cvtColor(crop_square(frames[f], b, 1.4), cv2.COLOR_RGB2GRAY) for f, b in zip(track.frames, track.boxes)])
+        a, v = talknet_inputs(gray, mfcc[track.frames[0] * 4 : (track.frames[0] + len(track)) * 4])
+        per_window = []
+        with torch.no_grad():
+            for seconds in TALKNET_WINDOWS_S:
+                step = seconds * 25
+                per_window.append(torch.cat([model(a[:, i * 4 : (i + step) * 4], v[:, i : i + step])[0] for i in range(0, v.shape[1], step)]).numpy())
+        assert score == pytest.approx(float(np.mean(per_window)), rel=1e-4, abs=1e-5)
