@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -34,15 +35,11 @@ class SpeakerSettings:
     save_crops: str | None = None  # folder: the speaker's face track as <split>/<diaD_uttU>.mp4
 
 
-_TALKNET: dict[str, object] = {}  # one loaded model per checkpoint and worker process
-
-
+@lru_cache(maxsize=2)  # one loaded model per checkpoint and worker process
 def _talknet(checkpoint: str):
-    if checkpoint not in _TALKNET:
-        from pipelines.asd.talknet import load_talknet
+    from pipelines.asd.talknet import load_talknet
 
-        _TALKNET[checkpoint] = load_talknet(checkpoint)
-    return _TALKNET[checkpoint]
+    return load_talknet(checkpoint)
 
 
 @dataclass
