@@ -156,6 +156,7 @@ def preprocess(
     asd: Annotated[Optional[str], typer.Option(help="Active speaker: sync | talknet | none.")] = None,
     talknet_checkpoint: Annotated[Optional[Path], typer.Option(help="pretrain_TalkSet.model (for --asd talknet).")] = None,
     save_crops: Annotated[Optional[Path], typer.Option(help="Write each speaker's face track as an mp4 here.")] = None,
+    s3fd_checkpoint: Annotated[Optional[Path], typer.Option(help="sfd_face.pth: detect faces with S3FD.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -169,7 +170,7 @@ def preprocess(
         preprocess__encoder_gpus=encoder_gpus, preprocess__encoder_actors=encoder_actors,
         preprocess__batch_size=batch_size, preprocess__imagebind_checkpoint=imagebind_checkpoint,
         preprocess__fusion=fusion, preprocess__asd_method=asd, preprocess__talknet_checkpoint=talknet_checkpoint,
-        preprocess__save_crops=save_crops,
+        preprocess__save_crops=save_crops, preprocess__s3fd_checkpoint=s3fd_checkpoint,
     )  # fmt: skip
     report = run_preprocess(cfg)
     if report.encoder_checkpoint.startswith("random-init"):

@@ -33,6 +33,7 @@ class SpeakerSettings:
     crop_margin: float = 1.4  # crop side / face box side: keeps chin, hair and some context
     talknet_checkpoint: str | None = None
     save_crops: str | None = None  # folder: the speaker's face track as <split>/<diaD_uttU>.mp4
+    s3fd_checkpoint: str | None = None  # faces by S3FD (sfd_face.pth) instead of Haar cascades
 
 
 @lru_cache(maxsize=2)  # one loaded model per checkpoint and worker process
@@ -40,6 +41,13 @@ def _talknet(checkpoint: str):
     from pipelines.asd.talknet import load_talknet
 
     return load_talknet(checkpoint)
+
+
+@lru_cache(maxsize=2)
+def _s3fd(checkpoint: str):
+    from pipelines.asd.s3fd import load_s3fd
+
+    return load_s3fd(checkpoint)
 
 
 @dataclass
@@ -133,7 +141,8 @@ def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, se
     if settings.method in ("sync", "talknet"):
         small, scale = read_small_frames(path)
         talknet = _talknet(settings.talknet_checkpoint) if settings.method == "talknet" else None
-        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every, talknet)
+        s3fd = _s3fd(settings.s3fd_checkpoint) if settings.s3fd_checkpoint else None
+        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every, talknet, s3fd)
         if settings.save_crops and result.track is not None:
             save_track_video(Path(settings.save_crops) / f"{out.key}.mp4", small, result, settings.crop_margin)
         out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible

@@ -178,7 +178,8 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
 def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
     checkpoint = str(pc.talknet_checkpoint) if pc.talknet_checkpoint else None
     crops = str(pc.save_crops) if pc.save_crops else None
-    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops)
+    s3fd = str(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None
+    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops, s3fd)
 
 
 def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
@@ -187,6 +188,7 @@ def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
         encoder=encoder, weights=weights, fusion=pc.fusion, pipeline=PIPELINE_VERSION, asd=pc.asd_method,
         asd_threshold=pc.asd_threshold, detect_every=pc.detect_every, crop_margin=pc.crop_margin,
         talknet=file_sha256(pc.talknet_checkpoint) if pc.talknet_checkpoint else None,
+        s3fd=file_sha256(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None,
     )  # fmt: skip
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -77,15 +77,24 @@ def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np
     return reader.get_batch(indices.tolist()).asnumpy(), width / reader[0].shape[1]
 
 
-def detect_every_kth(frames: np.ndarray, k: int = 5) -> list[np.ndarray]:
-    """Face boxes on every k-th frame and the last; the frames between get none (tracks interpolate)."""
+def detect_every_kth(frames: np.ndarray, k: int = 5, s3fd=None) -> list[np.ndarray]:
+    """Face boxes on every k-th frame and the last (Haar, or S3FD when a loaded model is given);
+    the frames between get none (tracks interpolate)."""
+    if s3fd is not None:
+        from pipelines.asd.s3fd import detect
+
+        # the demo runs S3FD at 0.25 of 720p; these frames are already ~360p
+        def find(frame):
+            return detect(s3fd, frame, scale=0.5)
+    else:
+        find = detect_faces
     n = len(frames)
-    return [detect_faces(frames[i]) if i % k == 0 or i == n - 1 else np.zeros((0, 4)) for i in range(n)]
+    return [find(frames[i]) if i % k == 0 or i == n - 1 else np.zeros((0, 4)) for i in range(n)]
 
 
-def face_tracks(frames: np.ndarray, detect_every: int = 5) -> list[Track]:
+def face_tracks(frames: np.ndarray, detect_every: int = 5, s3fd=None) -> list[Track]:
     """Faces on every `detect_every`-th frame, linked into tracks."""
-    return build_tracks(detect_every_kth(frames, detect_every), min_length=min(10, len(frames)))
+    return build_tracks(detect_every_kth(frames, detect_every, s3fd), min_length=min(10, len(frames)))
 
 
 def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) -> list[float]:
@@ -158,9 +167,11 @@ def find_speaker(
     threshold: float = DEFAULT_THRESHOLD,
     detect_every: int = 5,
     talknet=None,
+    s3fd=None,
 ) -> SpeakerResult:
-    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS), by `sync` or a TalkNet model."""
-    tracks = face_tracks(frames, detect_every)
+    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS), by `sync` or a TalkNet model;
+    faces by Haar cascades, or by a loaded S3FD model."""
+    tracks = face_tracks(frames, detect_every, s3fd)
     has_speech = audio_16k is not None and np.any(audio_16k)
     if not (tracks and has_speech):
         return choose_speaker(tracks, None, scale)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.asd.s3fd import S3FD, decode, detect, load_s3fd, priors
+from pipelines.asd.talknet import CheckpointMismatch
+
+OFFICIAL_KEYS = ["vgg.0.weight", "vgg.28.bias", "vgg.31.weight", "vgg.33.bias", "L2Norm3_3.weight", "L2Norm5_3.weight",
+                 "extras.3.weight", "loc.5.bias", "conf.0.weight", "conf.5.weight"]  # fmt: skip
+
+
+def test_layout_and_heads():
+    model = S3FD().eval()
+    state = model.state_dict()
+    assert all(k in state for k in OFFICIAL_KEYS)
+    assert state["conf.0.weight"].shape[0] == 4 and state["conf.1.weight"].shape[0] == 2  # max-out background
+    loc, score, sizes = model(torch.zeros(1, 3, 96, 160))
+    assert loc.shape[1] == score.shape[1] == sum(h * w for h, w in sizes) == priors((96, 160), sizes).shape[0]
+    assert sizes[0] == (24, 40)  # stride 4
+
+
+def test_decode_with_zero_offsets_gives_the_anchors():
+    anchors = torch.tensor([[0.5, 0.5, 0.2, 0.1]])
+    np.testing.assert_allclose(decode(torch.zeros(1, 4), anchors).numpy(), [[0.4, 0.45, 0.6, 0.55]], rtol=1e-6)
+
+
+def test_detect_returns_pixel_boxes():
+    boxes = detect(S3FD().eval(), np.zeros((240, 320, 3), np.uint8), threshold=0.0)
+    assert boxes.ndim == 2 and boxes.shape[1] == 4
+
+
+def test_checkpoint_loads_strictly_and_mismatch_fails(tmp_path):
+    state = S3FD().state_dict()
+    torch.save(state, tmp_path / "sfd_face.pth")
+    assert isinstance(load_s3fd(tmp_path / "sfd_face.pth"), S3FD)
+    state.pop("L2Norm4_3.weight")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatch, match="1 missing"):
+        load_s3fd(tmp_path / "bad.pth")
+
+
+def test_stage_detects_with_s3fd_when_given_a_checkpoint(mini_meld, tmp_path):
+    from pipelines.decode import SpeakerSettings, decode_clip
+    from pipelines.synth import read_ground_truth
+
+    torch.save(S3FD().state_dict(), tmp_path / "sfd_face.pth")  # random: only the path is tested
+    truth = next(t for t in read_ground_truth(mini_meld).values() if t["fault"] is None)
+    clip = decode_clip(truth["key"], mini_meld / truth["clip"], speaker=SpeakerSettings(s3fd_checkpoint=str(tmp_path / "sfd_face.pth")))
+    assert clip.failure is None and clip.frames.shape == (5, 2, 224, 224, 3)
+    assert clip.asd_method in ("sync", "none")
