@@ -94,6 +94,7 @@ class PreprocessConfig(_Section):
     asd_method: Literal["sync", "talknet", "none"] = Field("sync", description="speaker detection; none: centre crop")
     talknet_checkpoint: Path | None = Field(None, description="pretrain_TalkSet.model, for asd_method talknet")
     s3fd_checkpoint: Path | None = Field(None, description="sfd_face.pth: faces by S3FD instead of Haar cascades")
+    asd_gpus: float = Field(0.0, ge=0, description="GPUs per decode task, for TalkNet / S3FD on a GPU")
     asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
     detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps)")
     crop_margin: float = Field(1.4, ge=1.0, description="face crop side / face box side")

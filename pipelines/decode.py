@@ -36,18 +36,24 @@ class SpeakerSettings:
     s3fd_checkpoint: str | None = None  # faces by S3FD (sfd_face.pth) instead of Haar cascades
 
 
-@lru_cache(maxsize=2)  # one loaded model per checkpoint and worker process
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when the task was given one
+
+
+@lru_cache(maxsize=2)  # one loaded model per checkpoint and worker process (Ray reuses its workers)
 def _talknet(checkpoint: str):
     from pipelines.asd.talknet import load_talknet
 
-    return load_talknet(checkpoint)
+    return load_talknet(checkpoint).to(_device())
 
 
 @lru_cache(maxsize=2)
 def _s3fd(checkpoint: str):
     from pipelines.asd.s3fd import load_s3fd
 
-    return load_s3fd(checkpoint)
+    return load_s3fd(checkpoint).to(_device())
 
 
 @dataclass

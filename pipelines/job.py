@@ -281,7 +281,8 @@ def _run_media(
         ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pc.batch_size)))
         # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
         # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
-        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, memory=DECODE_MEMORY)
+        # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
+        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus, memory=DECODE_MEMORY)
         .map_batches(
             ImageBindStage,
             fn_constructor_kwargs=dict(

@@ -107,7 +107,7 @@ def detect(model: S3FD, frame_rgb: np.ndarray, threshold: float = 0.9, nms: floa
     height, width = frame_rgb.shape[:2]
     image = cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR).astype(np.float32)
     x = torch.from_numpy(image - np.array(MEAN_RGB, np.float32)).permute(2, 0, 1)[None]
-    loc, score, sizes = model(x)
+    loc, score, sizes = (v.cpu() if torch.is_tensor(v) else v for v in model(x.to(next(model.parameters()).device)))
     boxes = decode(loc[0], priors(tuple(x.shape[-2:]), sizes)) * torch.tensor([width, height, width, height])
     keep = score[0] > threshold
     boxes, kept_scores = boxes[keep], score[0][keep]

@@ -124,6 +124,7 @@ def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarra
         first = track.frames[0] * MFCC_PER_FRAME
         inputs.append(talknet_inputs(gray, mfcc[first : first + len(track) * MFCC_PER_FRAME]))
     sums = [np.zeros(video.shape[1], np.float64) for _, video in inputs]
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for seconds in TALKNET_WINDOWS_S:
             step = int(seconds * ASD_FPS)
@@ -134,7 +135,7 @@ def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarra
             for length, windows in by_length.items():
                 audio = torch.cat([inputs[t][0][:, s * MFCC_PER_FRAME : (s + length) * MFCC_PER_FRAME] for t, s in windows])
                 video = torch.cat([inputs[t][1][:, s : s + length] for t, s in windows])
-                for (t, s), logits in zip(windows, model(audio, video).numpy()):
+                for (t, s), logits in zip(windows, model(audio.to(device), video.to(device)).cpu().numpy()):
                     sums[t][s : s + length] += logits
     return [float(total.mean() / len(TALKNET_WINDOWS_S)) if total.size else float("-inf") for total in sums]
 
