@@ -6,7 +6,9 @@ On a generated mini-MELD (the sidecar says which face speaks and where it is), p
 accuracy on two-face clips (goal for `sync`: >= 95%), face-visible precision (the flagged track is
 the speaker) and recall (every generated clip shows its speaker), and seconds of processing per
 second of video for reading frames, detection, tracking and scoring. The baseline row is the
-placeholder the stage replaced: the largest face on the middle frame.
+placeholder the stage replaced: the largest face on the middle frame. Last, TalkNet's scoring time
+with windows batched across tracks against track by track (no TalkNet accuracy row: that needs the
+real checkpoint).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.config import SynthConfig
-from pipelines.asd.stage import choose_speaker, detect_every_kth, detect_faces, read_small_frames, sync_scores
+from pipelines.asd.stage import choose_speaker, detect_every_kth, detect_faces, read_small_frames, sync_scores, talknet_scores
 from pipelines.asd.tracking import build_tracks
 from pipelines.decode import read_audio_16k
 from pipelines.synth import generate, read_ground_truth
@@ -34,6 +36,35 @@ def _hit(box: np.ndarray | None, truth: dict, scale: float) -> bool:
     cx, cy = (box[0] + box[2]) / 2 * scale, (box[1] + box[3]) / 2 * scale
     x0, y0, x1, y1 = truth["faces"][truth["speaker_face"]]["boxes"][truth["n_frames"] // 2]
     return x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+def _talknet_timing(root: Path, truths: list[dict]) -> Table:
+    """TalkNet scoring time, windows batched across tracks vs track by track (random weights: timing only)."""
+    from pipelines.asd.talknet import TalkNet
+
+    model = TalkNet().eval()
+    batched = per_track = video_s = 0.0
+    for t in truths:
+        path = str(root / t["clip"])
+        frames, _ = read_small_frames(path)
+        audio = read_audio_16k(path)
+        tracks = build_tracks(detect_every_kth(frames), min_length=min(10, len(frames)))
+        if not tracks:
+            continue
+        video_s += t["duration"]
+        start = time.perf_counter()
+        talknet_scores(frames, tracks, audio, model)
+        batched += time.perf_counter() - start
+        start = time.perf_counter()
+        for track in tracks:
+            talknet_scores(frames, [track], audio, model)
+        per_track += time.perf_counter() - start
+    table = Table(title=f"TalkNet scoring on {len(truths)} two-face clips (random weights: timing only)")
+    for column in ("way", "s / s of video", "speed-up over track by track"):
+        table.add_column(column, justify="left" if column == "way" else "right")
+    table.add_row("windows batched across tracks", f"{batched / video_s:.3f}", f"{per_track / batched:.2f}x")
+    table.add_row("track by track", f"{per_track / video_s:.3f}", "1.00x")
+    return table
 
 
 def main() -> None:
@@ -89,6 +120,7 @@ def main() -> None:
             speed.add_row(step, f"{value / video_s:.3f}")
         speed.add_row("total", f"{sum(seconds.values()) / video_s:.3f}")
         Console(width=140).print(speed)
+        Console(width=140).print(_talknet_timing(root, [t for t in truths if len(t["faces"]) == 2][:10]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -35,6 +35,8 @@ def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ra
         elif t["fault"] == "no_audio":
             assert rows[key]["vision_emb"] is not None and rows[key]["audio_emb"] is None
             assert rows[key]["fused_emb"] is not None and (key, "no_audio_stream") in failures
+            # no speech to score with: the longest face track is embedded, speaking unknown
+            assert rows[key]["asd_method"] == "largest_track" and rows[key]["face_visible"] is None
         else:
             assert rows[key]["fused_emb"] is None
             assert (key, "missing_file" if expected == "missing" else expected) in failures
