@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.checkpoints import CheckpointMismatch, load_strict  # noqa: F401 - CheckpointMismatch is part of this door
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
@@ -116,39 +118,9 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class CheckpointMismatch(ValueError):
-    pass
-
-
 def load_checkpoint(model: torch.nn.Module, path: Path | str) -> None:
-    """Load a state dict strictly: every key, every shape, or a CheckpointMismatch naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageBind checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        def show(keys, with_shapes=False):
-            items = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" if with_shapes else k for k in keys[:5]]
-            return ", ".join(items) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        raise CheckpointMismatch(
-            f"{path} does not fit ImageBind ({len(expected)} tensors): "
-            + "; ".join(
-                part for part in (
-                    f"{len(missing)} missing: {show(missing)}" if missing else "",
-                    f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                    f"{len(wrong)} of the wrong shape: {show(wrong, True)}" if wrong else "",
-                ) if part
-            )  # fmt: skip
-        )
-    model.load_state_dict(state, strict=True)
+    """Load `imagebind_huge.pth` strictly (memory-mapped): every key, every shape."""
+    load_strict(model, path, "ImageBind", mmap=True)
 
 
 # ---- preprocessing (CPU) ---------------------------------------------------------------------------

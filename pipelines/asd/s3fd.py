@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipelines.checkpoints import load_strict
+
 STEPS = (4, 8, 16, 32, 64, 128)
 ANCHORS = (16, 32, 64, 128, 256, 512)
 VARIANCE = (0.1, 0.2)
@@ -116,17 +118,6 @@ def detect(model: S3FD, frame_rgb: np.ndarray, threshold: float = 0.9, nms: floa
 
 def load_s3fd(path: Path | str) -> S3FD:
     """S3FD with a user's `sfd_face.pth`, loaded strictly (keys and shapes)."""
-    from pipelines.asd.talknet import CheckpointMismatch
-
     model = S3FD()
-    state = {k.removeprefix("module."): v for k, v in torch.load(Path(path), map_location="cpu", weights_only=True).items()}
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointMismatch(
-            f"{path} does not fit S3FD ({len(expected)} tensors): {len(missing)} missing {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of the wrong shape {wrong[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_strict(model, path, "S3FD")
     return model.eval()

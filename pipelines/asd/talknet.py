@@ -19,7 +19,6 @@ Without a checkpoint the model is random and its scores mean nothing: merg then 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from pipelines.checkpoints import CheckpointMismatch, load_strict  # noqa: F401 - CheckpointMismatch is part of this door
 
 GREY_MEAN, GREY_STD = 0.4161, 0.1688  # the visual front end's input normalisation
 CROP = 112
@@ -263,24 +262,10 @@ class TalkNet(nn.Module):
         return self.lossAV.FC(self.model(audio, video))[..., 1]
 
 
-class CheckpointMismatch(ValueError):
-    pass
-
-
 def load_talknet(path: Path | str) -> TalkNet:
     """Build TalkNet and load `pretrain_TalkSet.model` strictly (a leading `module.` is stripped)."""
     model = TalkNet()
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointMismatch(
-            f"{path} does not fit TalkNet ({len(expected)} tensors): {len(missing)} missing {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of the wrong shape {wrong[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_strict(model, path, "TalkNet")
     return model.eval()
 
 

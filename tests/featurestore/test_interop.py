@@ -43,7 +43,7 @@ def test_lancedb(filled):
 
 def test_duckdb_through_arrow(filled):
     store, expected = filled
-    utterances = store.lance_dataset()  # a pyarrow Dataset: DuckDB scans it with filter pushdown
+    utterances = store.lance_dataset()  # noqa: F841 - DuckDB finds it by name and scans it (filter pushdown)
     got = duckdb.sql("SELECT key FROM utterances WHERE emotion = 'joy' AND split = 'train' ORDER BY key").fetchall()
     assert [k for (k,) in got] == expected
     counts = duckdb.sql("SELECT split, count(*) FROM utterances GROUP BY split").fetchall()

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from featurestore.schema import EMOTION_ID, FAILURES, META_VERSION, UTTERANCES, utterances_schema
+from featurestore.schema import EMOTION_ID, META_VERSION, utterances_schema
 from featurestore.store import SchemaVersionMismatch, Store, StoreError, StoreNotFound, build_filter
 from featurestore.synthetic import synthetic_utterances
 

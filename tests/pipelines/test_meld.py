@@ -69,7 +69,7 @@ def test_fix_text_repairs_known_mojibake(damaged, clean):
 
 def test_missing_column_error_names_column_and_file(tmp_path):
     header = [c for c in CSV_COLUMNS if c != "Emotion"]
-    path = _write_csv(tmp_path / "train_sent_emo.csv", [], header=header)
+    _write_csv(tmp_path / "train_sent_emo.csv", [], header=header)
     with pytest.raises(MeldFormatError, match=r"train_sent_emo\.csv.*Emotion"):
         read_split(tmp_path, "train")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipelines.asd.s3fd import S3FD, decode, detect, load_s3fd, priors
-from pipelines.asd.talknet import CheckpointMismatch
+from pipelines.checkpoints import CheckpointMismatch
 
 OFFICIAL_KEYS = ["vgg.0.weight", "vgg.28.bias", "vgg.31.weight", "vgg.33.bias", "L2Norm3_3.weight", "L2Norm5_3.weight",
                  "extras.3.weight", "loc.5.bias", "conf.0.weight", "conf.5.weight"]  # fmt: skip
