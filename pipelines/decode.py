@@ -19,6 +19,7 @@ import av
 import numpy as np
 
 from pipelines.asd.stage import ASD_FPS, SpeakerResult, find_speaker, read_small_frames
+from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, video_frame_indices
 from pipelines.media import crop_square, probe_clip
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SpeakerSettings:
     method: str = "sync"  # "sync" | "talknet" (needs talknet_checkpoint) | "none" (centre square)
-    threshold: float = 0.3  # for sync; TalkNet's own threshold is a logit of 0
+    threshold: float = DEFAULT_THRESHOLD  # for sync; TalkNet's own threshold is a logit of 0
     detect_every: int = 5
     crop_margin: float = 1.4  # crop side / face box side: keeps chin, hair and some context
     talknet_checkpoint: str | None = None
@@ -59,7 +60,6 @@ def _s3fd(checkpoint: str):
 @dataclass
 class DecodedClip:
     key: str
-    sha256: str | None = None
     duration: float | None = None
     fps: float | None = None
     has_audio: bool = False
@@ -89,10 +89,10 @@ def read_audio_16k(path: Path | str) -> np.ndarray | None:
 
 
 def decode_clip(
-    key: str, path: Path | str | None, sha256: str | None = None, speaker: SpeakerSettings = SpeakerSettings()
+    key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()
 ) -> DecodedClip:
     """Decode one clip for ImageBind; failures are returned, never raised."""
-    out = DecodedClip(key=key, sha256=sha256)
+    out = DecodedClip(key=key)
     if path is None:
         out.failure = ("read", "missing_file", "CSV row without a clip")
         return out

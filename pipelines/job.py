@@ -62,7 +62,7 @@ class PreprocessReport:
 # ---- stages ---------------------------------------------------------------------------------------
 def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
     """CPU stage: one clip -> fixed-shape arrays plus flags (zeros where a modality is missing)."""
-    clip = decode_clip(row["key"], row["path"] or None, row["sha256"] or None, speaker)
+    clip = decode_clip(row["key"], row["path"] or None, speaker)
     stage, reason, detail = clip.failure or ("", "", "")
     box = clip.speaker_box or (np.nan,) * 4
     return {
@@ -275,7 +275,7 @@ def _run_media(
 
     pc = config.preprocess
     init_ray(pc.ray_address, num_cpus=pc.num_cpus)
-    items = [{"key": r.key, "path": str(r.clip_path), "sha256": sha[r.key]} for r in todo]
+    items = [{"key": r.key, "path": str(r.clip_path)} for r in todo]
     ds = (
         # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
         ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pc.batch_size)))
