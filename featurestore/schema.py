@@ -32,6 +32,8 @@ EMBEDDING_COLUMNS = ("audio_emb", "vision_emb", "fused_emb")
 
 UTTERANCES = "utterances"
 FAILURES = "failures"
+TARGETS = "targets"
+TARGET_KINDS: tuple[str, ...] = ("next_utterance", "teacher")
 
 
 def utterance_key(split: str, dialogue_id: int, utterance_id: int) -> str:
@@ -108,6 +110,59 @@ FAILURES_SCHEMA = pa.schema(
     ],
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: FAILURES.encode()},
 )
+
+
+# One training/evaluation example per (kind, utterance): the dialogue up to `key`, who speaks next,
+# and the reply to learn. `key` is the utterance whose audio/video goes with the prompt.
+TARGETS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # "<kind>:<key>"
+        pa.field("kind", pa.string(), nullable=False),  # one of TARGET_KINDS
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("dialogue_id", pa.int32()),
+        pa.field("utterance_id", pa.int32()),
+        pa.field("history", pa.list_(pa.string())),  # "Speaker: text" lines, oldest first, ending at `key`
+        pa.field("next_key", pa.string()),
+        pa.field("next_speaker", pa.string()),
+        pa.field("next_emotion", pa.string()),
+        pa.field("next_sentiment", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("source", pa.string()),  # "meld", or the teacher model and its decoding settings (JSON)
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: TARGETS.encode()},
+)
+
+# Tables besides `utterances` that the store upserts generically: schema and merge key.
+RECORD_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
+    FAILURES: (FAILURES_SCHEMA, ("key", "stage")),
+    TARGETS: (TARGETS_SCHEMA, ("id",)),
+}
+
+
+def target_id(kind: str, key: str) -> str:
+    return f"{kind}:{key}"
+
+
+def conform_records(name: str, rows: pa.Table | list[dict]) -> pa.Table:
+    """Rows for a record table in its schema; absent nullable columns become nulls, created_at is stamped."""
+    schema, _ = RECORD_TABLES[name]
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    if unknown := set(table.column_names) - set(schema.names):
+        raise ValueError(f"columns not in the {name} schema: {', '.join(sorted(unknown))}")
+    n = table.num_rows
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        elif field.name == "created_at":
+            columns.append(pa.array([np.datetime64("now", "us")] * n, pa.timestamp("us")).cast(field.type))
+        elif not field.nullable:
+            raise ValueError(f"{name} rows need a {field.name!r} column")
+        else:
+            columns.append(pa.nulls(n, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 @dataclass(frozen=True)

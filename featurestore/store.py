@@ -32,9 +32,12 @@ from featurestore.schema import (
     META_EMBEDDING_DIM,
     META_FUSED_DIM,
     META_VERSION,
+    RECORD_TABLES,
     SCHEMA_VERSION,
+    TARGETS,
     UTTERANCES,
     Rejection,
+    conform_records,
     utterances_schema,
     validate_utterances,
 )
@@ -251,15 +254,52 @@ class Store:
             ],
             schema=FAILURES_SCHEMA,
         )
+        self._upsert(FAILURES, table)
+
+    def write_records(self, name: str, rows: pa.Table | list[dict]) -> int:
+        """Upsert rows into a record table (`targets`, evaluation tables) on its key; returns rows written.
+
+        The table is created on first write; like `utterances`, every write is a new Lance version.
+        """
+        self._writable()
+        table = conform_records(name, rows)
+        if table.num_rows:
+            uri = self.root / f"{name}.lance"
+            if not uri.exists():
+                try:
+                    lance.write_dataset(table.schema.empty_table(), str(uri), mode="create")
+                except (OSError, ValueError):
+                    if not uri.exists():
+                        raise
+            self._upsert(name, table)
+        return table.num_rows
+
+    def _upsert(self, name: str, table: pa.Table) -> None:
+        on = list(RECORD_TABLES[name][1])
         _retry_on_conflict(
-            lambda: self._failures()
-            .merge_insert(["key", "stage"])
+            lambda: self._dataset(name)
+            .merge_insert(on)
             .when_matched_update_all()
             .when_not_matched_insert_all()
             .conflict_retries(_CONFLICT_RETRIES)
             .execute(table),
-            "record_failures",
+            f"write {name}",
         )
+
+    def read_records(self, name: str, where: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows of a record table; an absent table reads as empty."""
+        if not (self.root / f"{name}.lance").exists():
+            schema = RECORD_TABLES[name][0]
+            return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
+        return self._dataset(name).to_table(filter=where, columns=list(columns) if columns else None)
+
+    def targets(
+        self, kind: str, *, split: str | Sequence[str] | None = None, where: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:  # fmt: skip
+        """Training/evaluation examples of one kind (`next_utterance` or `teacher`), sorted by key."""
+        table = self.read_records(TARGETS, build_filter(where, kind=kind, split=split), columns)
+        return table.sort_by("key") if "key" in table.column_names else table
 
     def clear_failures(self, keys: Sequence[str], stage: str | None = None) -> None:
         """Forget failures of `keys` (e.g. once a re-run processed them)."""

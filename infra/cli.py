@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(store_app, name="store")
 asd_app = typer.Typer(help="Inspect active speaker detection.", no_args_is_help=True)
 app.add_typer(asd_app, name="asd")
+targets_app = typer.Typer(help="Build training/evaluation targets in the store.", no_args_is_help=True)
+app.add_typer(targets_app, name="targets")
 
 # Logs and pipes get wide tables rather than rich's 80-column default for non-terminals.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -194,6 +197,82 @@ def preprocess(
             failures.add_row(stage, reason, str(n))
         out.print(failures)
     out.print(f"encoder {report.encoder} ({report.encoder_checkpoint}), fusion {report.fusion}, config {report.config_hash}")
+
+
+@targets_app.command("build")
+def targets_build(
+    kind: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N examples per split.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher LLM: local HF folder (default: embedded SmolLM2).")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Regenerate stored teacher targets.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Build `next_utterance` (MELD's next line) or `teacher` (LLM-written empathetic) targets."""
+    from featurestore.store import Store, StoreError
+    from training import build_targets
+
+    cfg = _config(
+        config, overrides, targets__kind=kind, paths__store=store, targets__limit=limit,
+        targets__splits=f"[{splits}]" if splits else None, targets__teacher_model=teacher, targets__force=force,
+    )  # fmt: skip
+    try:
+        report = build_targets(Store.open(cfg.paths.store), cfg.targets, cfg.paths.model_cache)
+    except (StoreError, ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    table = Table(title=f"{report.kind} targets -> {cfg.paths.store}")
+    table.add_column("split")
+    table.add_column("written", justify="right")
+    for split, n in sorted(report.written.items()):
+        table.add_row(split, str(n))
+    out.print(table)
+    out.print(f"source: {report.source}; skipped (already stored): {report.skipped}; empty replies: {report.failed}")
+
+
+@app.command()
+def train(
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: runs/<name>.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base LLM: local HF folder (default: embedded SmolLM2).")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="text | audio | video | audio+video.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """QLoRA-train the multimodal LLM (or the text-only baseline) with DeepSpeed, reading the store.
+
+    One process here; several with `torchrun --nproc_per_node N -m infra.cli train ...` or the
+    `deepspeed` launcher.
+    """
+    from featurestore.store import StoreError
+    from infra.models import ModelNotFound
+    from training import train as run_training
+    from training.data import DataError
+
+    cfg = _config(
+        config, overrides, paths__store=store, train__name=name, train__model=model, train__modality=modality,
+        train__target=target, train__max_steps=max_steps, train__resume=resume,
+    )  # fmt: skip
+    try:
+        report = run_training(cfg)
+    except (StoreError, ModelNotFound, DataError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 reports
+        return
+    table = Table(title=f"training done -> {report.run_dir}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [("steps", report.steps), ("examples", report.examples),
+            ("last train loss", f"{report.train_loss:.4f}" if report.train_loss is not None else "-"),
+            ("best val loss", f"{report.best_val_loss:.4f}" if report.best_val_loss is not None else "-"),
+            ("tokens/s", f"{report.tokens_per_s:,.0f}"), ("stopped early", report.stopped_early)]  # fmt: skip
+    for label, value in rows:
+        table.add_row(label, str(value))
+    out.print(table)
 
 
 @asd_app.command("show")

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infra.models import EMBEDDED_LLM
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,10 +112,100 @@ class PreprocessConfig(_Section):
         return self
 
 
+TEACHER_SYSTEM_PROMPT = (
+    "You are a warm, attentive friend. Read the conversation and write the next line for the named "
+    "speaker. Keep it to one or two short sentences, react to what was actually said, and show that you "
+    "understand how the other person feels."
+)
+REPLY_SYSTEM_PROMPT = (
+    "You continue a TV sitcom dialogue. Reply as the named speaker with one or two short sentences that "
+    "respond with empathy to how the last speaker feels."
+)
+
+
+
+class TargetsConfig(_Section):
+    """Training/evaluation examples (`merg targets build`): what the model learns to say next."""
+
+    kind: Literal["next_utterance", "teacher"] = "next_utterance"
+    splits: list[Literal["train", "dev", "test"]] = ["train", "dev", "test"]
+    max_history: int = Field(8, ge=1, description="dialogue lines kept before the reply (incl. the current one)")
+    limit: int | None = Field(None, ge=1, description="first N examples per split (smoke runs)")
+    teacher_model: str = Field(EMBEDDED_LLM, description="local HF folder, or the embedded model's name")
+    teacher_system_prompt: str = TEACHER_SYSTEM_PROMPT
+    teacher_batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, ge=1)
+    force: bool = Field(False, description="regenerate teacher targets already stored with the same settings")
+    seed: int = 0
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # all linear layers, as in QLoRA
+
+
+class TrainConfig(_Section):
+    """QLoRA training of the multimodal LLM (`merg train`)."""
+
+    name: str = Field("smollm2-audio+video", description="run folder under paths.runs, and the store tag")
+    model: str = Field(EMBEDDED_LLM, description="local HF folder, or the embedded model's name")
+    modality: Literal["text", "audio", "video", "audio+video"] = "audio+video"
+    target: Literal["next_utterance", "teacher"] = "next_utterance"
+    system_prompt: str = REPLY_SYSTEM_PROMPT
+    max_length: int = Field(384, ge=32, description="tokens per example; older history is dropped first")
+    # the projector: store embedding -> `soft_tokens` vectors in the LLM's embedding space
+    projector: Literal["linear", "mlp"] = "linear"
+    soft_tokens: int = Field(1, ge=1)
+    # QLoRA
+    quantization: Literal["nf4", "none"] = "nf4"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False
+    # optimisation
+    batch_size: int = Field(8, ge=1, description="examples per step per process")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    projector_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimiser steps (overrides epochs)")
+    bucket_by_length: bool = True
+    # validation, checkpoints, resume
+    eval_every: int = Field(50, ge=1, description="validation loss every N steps (and at the end)")
+    eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev examples")
+    patience: int | None = Field(3, ge=1, description="stop after N validations without improvement")
+    save_every: int = Field(100, ge=1, description="resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(False, description="continue from the run's latest checkpoint")
+    # runtime
+    deepspeed_stage: Literal[0, 1, 2, 3] = 2
+    deepspeed_config: Path | None = Field(None, description="default infra/deepspeed/zero<stage>.json")
+    train_split: Literal["train", "dev", "test"] = "train"
+    eval_split: Literal["train", "dev", "test"] = "dev"
+    limit: int | None = Field(None, ge=1, description="first N training examples (smoke runs)")
+    store_version: int | str | None = Field(None, description="read the store at this version or tag")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+    @property
+    def embedding_column(self) -> str | None:
+        return {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}[self.modality]
+
+
 class MergConfig(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def fingerprint(self) -> str:
         """Short hash of the full config, recorded in every artifact's provenance."""

@@ -8,6 +8,7 @@ No model hub is reachable, so nothing here downloads from one. The embedded defa
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -90,6 +91,7 @@ def fetch_embedded_llm(cache: Path) -> Path:
     """Prepare the embedded LLM as a plain HF folder (idempotent; ~20 s the first time)."""
     folder = embedded_llm_dir(cache)
     if _is_hf_folder(folder):
+        _drop_gguf_quantization(folder)
         return folder
     gguf = _download_gguf(Path(cache) / "gguf")
     import torch
@@ -104,5 +106,16 @@ def fetch_embedded_llm(cache: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    _drop_gguf_quantization(staging)
     staging.rename(folder)
     return folder
+
+
+def _drop_gguf_quantization(folder: Path) -> None:
+    """The weights are saved dequantised, but transformers copies the GGUF `quantization_config` into
+    config.json, which then refuses any other quantisation (QLoRA's 4-bit) at load time."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        path.write_text(json.dumps(config, indent=2) + "\n")

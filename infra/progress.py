@@ -20,17 +20,23 @@ console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[callable]:
-    """Yields `advance(n=1)`; shows a bar with count, elapsed and remaining time."""
+    """Yields `advance(n=1, info=None)`; shows a bar with count, elapsed and remaining time, and the
+    latest `info` text (e.g. loss and tokens/s)."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
         disable=not console.is_terminal,
     )
     with progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, info: str | None = None) -> None:
+            progress.update(task, advance=n, **({"info": info} if info is not None else {}))
+
+        yield advance

@@ -13,6 +13,8 @@ def test_defaults_and_shipped_config_agree():
     assert shipped.synth == MergConfig().synth
     assert shipped.preprocess == MergConfig().preprocess
     assert shipped.paths.store == MergConfig().paths.store
+    assert shipped.targets == MergConfig().targets
+    assert shipped.train == MergConfig().train
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -42,3 +44,8 @@ def test_fingerprint_changes_with_config():
 def test_meld_text_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("MERG_MELD_TEXT", str(tmp_path))
     assert MergConfig().paths.meld_text == tmp_path
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(path)

@@ -1,0 +1,67 @@
+from training.prompt import IGNORE_INDEX, MEDIA_MARKER, encode_example, encode_prompt, user_message
+
+HISTORY = ["Ross: We were on a break!", "Rachel: You slept with someone else."]
+
+
+def test_loss_only_on_target_and_eos(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    ex = encode_example(tokenizer, HISTORY, "Ross", "I am so sorry.", system="Be kind.", soft_tokens=0)
+    labelled = [i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX]
+    assert labelled == list(range(labelled[0], len(ex.input_ids)))  # one contiguous span at the end
+    assert ex.input_ids[-1] == tokenizer.eos_token_id and ex.labels[-1] == tokenizer.eos_token_id
+    target = tokenizer.decode([ex.input_ids[i] for i in labelled], skip_special_tokens=True)
+    assert target == "I am so sorry."
+    prompt = tokenizer.decode(ex.input_ids[: labelled[0]])
+    assert "Be kind." in prompt and "Rachel: You slept" in prompt and prompt.rstrip().endswith("assistant")
+    assert not any(ex.media_mask)
+
+
+def test_soft_tokens_sit_in_the_user_message(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    ids, mask = encode_prompt(tokenizer, HISTORY, "Ross", system="Be kind.", soft_tokens=3)
+    positions = [i for i, m in enumerate(mask) if m]
+    assert len(positions) == 3 and positions == list(range(positions[0], positions[0] + 3))
+    before = tokenizer.decode(ids[: positions[0]])
+    after = tokenizer.decode(ids[positions[-1] + 1 :])
+    assert before.endswith("How the last line sounded and looked: ") and "You slept" in before
+    assert after.startswith("\nReply as Ross.")
+    assert MEDIA_MARKER not in tokenizer.decode(ids)
+    assert MEDIA_MARKER not in user_message(HISTORY, "Ross", with_media=False)
+
+
+def test_long_history_drops_oldest_lines_first(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    history = [f"Joey: line number {i} " + "blah " * 10 for i in range(30)]
+    ex = encode_example(tokenizer, history, "Chandler", "Could it BE any longer?", system="s", max_length=120)
+    text = tokenizer.decode(ex.input_ids)
+    assert len(ex.input_ids) <= 120
+    assert "line number 29" in text and "line number 0 " not in text
+    assert ex.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_plain_prompt_without_chat_template(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    tokenizer.chat_template = None
+    ex = encode_example(tokenizer, HISTORY, "Ross", "Sorry.", system="Be kind.", soft_tokens=1)
+    assert "Assistant:" in tokenizer.decode(ex.input_ids) and sum(ex.media_mask) == 1
+
+
+def test_template_without_system_role_gets_it_folded_into_the_user_turn(tiny_llm):
+    from transformers import AutoTokenizer
+
+    from training.prompt import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    )
+    assert render_prompt(tokenizer, "Be kind.", "Hello") == "[INST] Be kind.\n\nHello [/INST]"

@@ -1,0 +1,104 @@
+"""The trainer end to end on a tiny Llama (seconds), and once on the embedded SmolLM2 (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from featurestore.store import Store
+from infra.models import ModelNotFound
+from training import load_run, train
+from training.data import DataError
+from training.trainer import Trainer
+
+from tests.training.conftest import DIM, dialogue_rows, train_config
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_and_vanilla_peft_reload(dialogue_store, tiny_llm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    report = train(train_config(dialogue_store, tmp_path, tiny_llm, name="mm", modality="audio+video", quantization="none"))
+    run = tmp_path / "mm"
+    assert report.steps == 4 and report.best_val_loss is not None
+    for name in ("adapter/adapter_config.json", "projector.safetensors", "tokenizer/tokenizer_config.json", "config.yaml", "run.json"):
+        assert (run / name).exists(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["modality"] == "audio+video" and info["projector"]["in_dim"] == DIM and info["soft_tokens"] == 1
+    assert Store.open(dialogue_store).tags()[info["store_tag"]] == info["store_version"]
+    assert len(_losses(run)) == 4
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    vanilla = PeftModel.from_pretrained(base, run / "adapter").eval()
+    model, _, _ = load_run(run)
+    ids = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(vanilla(input_ids=ids).logits, model(ids, torch.ones_like(ids)).logits, atol=1e-5)
+        assert not torch.allclose(base.base_model(ids).last_hidden_state.sum(), torch.tensor(0.0))
+
+
+def test_resume_continues_the_loss_curve_exactly(dialogue_store, tiny_llm, tmp_path):
+    settings = dict(modality="audio", max_steps=4, save_every=2, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    train(train_config(dialogue_store, tmp_path, tiny_llm, name="straight", **settings))
+    train(train_config(dialogue_store, tmp_path, tiny_llm, name="broken", **settings), until_step=2)
+    assert len(_losses(tmp_path / "broken")) == 2
+    resumed = Trainer(train_config(dialogue_store, tmp_path, tiny_llm, name="broken", resume=True, **settings)).setup()
+    assert resumed.step == 2
+    resumed.train()
+    assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-5)
+
+
+def test_text_only_baseline_has_no_projector(dialogue_store, tiny_llm, tmp_path):
+    train(train_config(dialogue_store, tmp_path, tiny_llm, name="text", modality="text", max_steps=2))
+    info = json.loads((tmp_path / "text" / "run.json").read_text())
+    assert info["projector"] is None and info["soft_tokens"] == 0
+    assert not (tmp_path / "text" / "projector.safetensors").exists()
+
+
+def test_clear_errors(dialogue_store, tiny_llm, tmp_path):
+    with pytest.raises(ModelNotFound, match="no HF model folder"):
+        Trainer(train_config(dialogue_store, tmp_path, tmp_path / "no-such-model")).setup()
+    text_store = Store.open(tmp_path / "text-store", create=True, embedding_dim=DIM)
+    text_store.write_utterances(dialogue_rows(16, 4).drop_columns(["audio_emb", "vision_emb", "fused_emb"]))
+    from training import build_targets
+    from infra.config import TargetsConfig
+
+    build_targets(text_store, TargetsConfig(), tmp_path)
+    with pytest.raises(DataError, match="--no-media"):
+        Trainer(train_config(text_store.root, tmp_path, tiny_llm, modality="video")).setup()
+
+
+@pytest.mark.slow
+def test_two_processes_zero2_on_cpu(dialogue_store, tiny_llm, tmp_path):
+    config = train_config(dialogue_store, tmp_path, tiny_llm, name="ddp", max_steps=2, deepspeed_stage=2)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "infra.cli", "train", "--config", str(path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr + result.stdout
+    assert len(_losses(tmp_path / "ddp")) == 2 and (tmp_path / "ddp" / "checkpoints" / "step-2").is_dir()
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_loss_decreases(dialogue_store, smollm2, tmp_path):
+    config = train_config(
+        dialogue_store, tmp_path, "smollm2-135m-instruct", name="smol", max_steps=8, eval_every=8, lr=1e-3,
+        projector_lr=1e-3, modality="audio+video", quantization="nf4",
+    )  # fmt: skip
+    config.paths.model_cache = smollm2.parent
+    train(config)
+    losses = _losses(tmp_path / "smol")
+    assert sum(losses[-2:]) < sum(losses[:2]) * 0.8, losses

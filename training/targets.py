@@ -1,0 +1,174 @@
+"""Targets: what the model learns to say next, built from the store's dialogues.
+
+    report = build_targets(store, TargetsConfig(kind="teacher"), model_cache)
+
+- `next_utterance`: MELD's own next line in the dialogue.
+- `teacher`: an empathetic reply written by a local teacher LLM (any HF causal LM folder; default the
+  embedded SmolLM2 with an explicit empathetic system prompt), batched, with the teacher and its
+  decoding settings recorded in `source`. Already generated rows with the same settings are skipped.
+
+Each example: the dialogue history up to and including the current utterance, the next speaker,
+the target, and the key of the current utterance (whose audio/video goes with the prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from featurestore.schema import TARGETS, target_id
+from featurestore.store import Store
+from infra.config import TargetsConfig
+from infra.models import resolve_llm
+from infra.progress import progress_bar
+from training.prompt import render_prompt
+
+log = logging.getLogger(__name__)
+
+UTTERANCE_COLUMNS = ["key", "split", "dialogue_id", "utterance_id", "speaker", "text", "emotion", "sentiment"]
+
+
+@dataclass
+class TargetsReport:
+    kind: str
+    source: str
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    failed: int = 0
+
+
+def dialogue_examples(utterances: list[dict], max_history: int) -> Iterator[dict]:
+    """(current utterance -> next utterance) pairs within each dialogue, in dialogue order."""
+    ordered = sorted(utterances, key=lambda r: (r["split"], r["dialogue_id"], r["utterance_id"]))
+    for _, group in groupby(ordered, key=lambda r: (r["split"], r["dialogue_id"])):
+        rows = list(group)
+        for i, (current, following) in enumerate(zip(rows, rows[1:])):
+            yield dict(
+                key=current["key"],
+                split=current["split"],
+                dialogue_id=current["dialogue_id"],
+                utterance_id=current["utterance_id"],
+                history=[f"{r['speaker']}: {r['text']}" for r in rows[max(0, i - max_history + 1) : i + 1]],
+                next_key=following["key"],
+                next_speaker=following["speaker"],
+                next_emotion=following["emotion"],
+                next_sentiment=following["sentiment"],
+                target=following["text"],
+            )
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def clean_reply(text: str, max_sentences: int = 2) -> str:
+    """The teacher's reply as one line: no 'Name:' prefix, quotes, or text after the first line."""
+    text = text.strip().split("\n")[0].strip()
+    text = re.sub(r"^[A-Z][\w .'-]{0,30}:\s*", "", text)  # "Rachel: ..." -> "..."
+    text = text.strip().strip('"“”').strip()
+    return " ".join(_SENTENCE_END.split(text)[:max_sentences]).strip()
+
+
+def teacher_message(example: dict) -> str:
+    speaker, last_speaker = example["next_speaker"], example["history"][-1].split(":", 1)[0]
+    question = f"What does {speaker} say next to {last_speaker}? Answer with {speaker}'s words only."
+    return "\n".join([*example["history"], "", question])
+
+
+class Teacher:
+    """A local causal LM that writes empathetic replies in batches (left padding, EOS stops)."""
+
+    def __init__(self, config: TargetsConfig, model_cache: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        path = resolve_llm(config.teacher_model, model_cache)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def source(self) -> str:
+        c = self.config
+        settings = dict(
+            teacher=c.teacher_model,
+            system_prompt_sha256=hashlib.sha256(c.teacher_system_prompt.encode()).hexdigest()[:12],
+            max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, repetition_penalty=c.repetition_penalty,
+        )  # fmt: skip
+        if c.do_sample:
+            settings.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+        return json.dumps(settings, sort_keys=True)
+
+    @torch.no_grad()
+    def __call__(self, examples: list[dict]) -> list[str]:
+        c = self.config
+        prompts = [render_prompt(self.tokenizer, c.teacher_system_prompt, teacher_message(e)) for e in examples]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        torch.manual_seed(c.seed)
+        sampling = dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
+        output = self.model.generate(
+            **batch, max_new_tokens=c.max_new_tokens, repetition_penalty=c.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+        )  # fmt: skip
+        new = output[:, batch["input_ids"].shape[1] :]
+        return [clean_reply(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def build_targets(store: Store, config: TargetsConfig, model_cache: Path) -> TargetsReport:
+    """Write `config.kind` targets for `config.splits` into the store's `targets` table."""
+    utterances = store.query(split=config.splits, columns=UTTERANCE_COLUMNS).to_pylist()
+    if not utterances:
+        raise ValueError(f"the store at {store.root} has no utterances in {', '.join(config.splits)}")
+    examples = list(dialogue_examples(utterances, config.max_history))
+    if config.limit:
+        examples = [e for split in config.splits for e in [x for x in examples if x["split"] == split][: config.limit]]
+    if config.kind == "next_utterance":
+        rows = [dict(e, id=target_id("next_utterance", e["key"]), kind="next_utterance", source="meld") for e in examples]
+        store.write_records(TARGETS, rows)
+        return TargetsReport("next_utterance", "meld", written=_count_splits(rows))
+
+    teacher = Teacher(config, model_cache)
+    report = TargetsReport("teacher", teacher.source)
+    if not config.force:
+        done = store.targets("teacher", columns=["id", "source"])
+        finished = {i for i, s in zip(done.column("id").to_pylist(), done.column("source").to_pylist()) if s == teacher.source}
+        todo = [e for e in examples if target_id("teacher", e["key"]) not in finished]
+        report.skipped = len(examples) - len(todo)
+        examples = todo
+    log.info("teacher %s: %d examples to write, %d already stored", config.teacher_model, len(examples), report.skipped)
+    size = config.teacher_batch_size
+    with progress_bar("teacher targets", len(examples)) as advance:
+        for start in range(0, len(examples), size):
+            batch = examples[start : start + size]
+            replies = teacher(batch)
+            rows = [
+                dict(e, id=target_id("teacher", e["key"]), kind="teacher", target=reply, source=teacher.source)
+                for e, reply in zip(batch, replies)
+                if reply
+            ]
+            empty = [e["key"] for e, reply in zip(batch, replies) if not reply]
+            store.write_records(TARGETS, rows)  # each batch is committed: an interrupted run resumes here
+            if empty:
+                store.record_failures([(k, "targets", "empty_generation", teacher.source) for k in empty])
+            for split, n in _count_splits(rows).items():
+                report.written[split] = report.written.get(split, 0) + n
+            report.failed += len(empty)
+            advance(len(batch))
+    return report
+
+
+def _count_splits(rows: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["split"]] = counts.get(row["split"], 0) + 1
+    return counts

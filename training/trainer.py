@@ -1,0 +1,375 @@
+"""`train(config)`: QLoRA fine-tuning of the multimodal LLM under DeepSpeed ZeRO, reading the store.
+
+The recipe, in `Trainer.setup()` order:
+  _setup_distributed  rank/world from the launcher (torchrun, deepspeed) or a single local process;
+                      NCCL on GPUs, gloo on CPU
+  _setup_model        base LLM (4-bit NF4 + double quantisation by default) + LoRA on all linear layers
+                      (`train.lora`), + a projector (`train.projector`, `train.soft_tokens`) unless
+                      `train.modality` is `text`
+  _setup_data         targets (`train.target`) joined with the modality's embedding from the store,
+                      tokenised, sharded by rank, length-bucketed (`train.bucket_by_length`)
+  _setup_engine       AdamW (LoRA `train.lr`, projector `train.projector_lr`), warmup + linear decay,
+                      DeepSpeed ZeRO `train.deepspeed_stage` (infra/deepspeed/zero<stage>.json)
+  _resume             `train.resume`: model, optimizer, scheduler, data position and RNG from the latest
+                      checkpoint, so the loss curve continues exactly
+
+Then `train()`: validation loss on `train.eval_split` every `train.eval_every` steps (best weights
+kept, early stop after `train.patience` validations without improvement), a resumable checkpoint
+every `train.save_every` steps, metrics in `runs/<name>/metrics.jsonl`, a progress bar with loss
+and tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `projector.safetensors`,
+`tokenizer/`, `config.yaml`, `run.json` (model, store version + tag, config hash).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from featurestore.schema import TARGETS
+from featurestore.store import Store
+from infra.config import REPO_ROOT, MergConfig
+from infra.models import resolve_llm
+from infra.progress import progress_bar
+from training.data import collate, epoch_batches, load_examples
+from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype, save_weights
+from training.projector import Projector, ProjectorConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainReport:
+    run_dir: Path
+    steps: int
+    train_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    stopped_early: bool
+    examples: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(config: MergConfig, bf16: bool) -> dict:
+    t = config.train
+    path = t.deepspeed_config or REPO_ROOT / "infra" / "deepspeed" / f"zero{t.deepspeed_stage}.json"
+    ds = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    filled = dict(
+        train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        gradient_clipping=t.max_grad_norm,
+    )  # fmt: skip
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("bf16", {}).get("enabled") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    return ds
+
+
+class Trainer:
+    def __init__(self, config: MergConfig):
+        self.config = config
+        self.t = config.train
+        self.run_dir = Path(config.paths.runs) / self.t.name
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_val: float | None = None
+        self.bad_evals = 0
+        self.tokens_seen = 0
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        self._setup_distributed()
+        self._setup_model()
+        self._setup_data()
+        self._setup_engine()
+        if self.t.resume:
+            self._resume()
+        return self
+
+    def _setup_distributed(self) -> None:
+        import deepspeed
+
+        if "RANK" not in os.environ:  # one local process: DeepSpeed would otherwise look for MPI
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        random.seed(self.t.seed)
+        np.random.seed(self.t.seed)
+        torch.manual_seed(self.t.seed)
+
+    def _setup_model(self) -> None:
+        t = self.t
+        self.model_path = resolve_llm(t.model, self.config.paths.model_cache)
+        self.dtype = resolve_dtype(t.compute_dtype, self.device)
+        llm, self.tokenizer = load_llm(self.model_path, quantization=t.quantization, dtype=self.dtype, device=self.device)
+        llm = attach_lora(llm, t.lora, gradient_checkpointing=t.gradient_checkpointing)
+        self.store = Store.open(self.config.paths.store, version=t.store_version)
+        projector = None
+        if t.embedding_column:
+            in_dim = self.store.fused_dim if t.embedding_column == "fused_emb" else self.store.embedding_dim
+            self.projector_config = ProjectorConfig(in_dim, llm.config.hidden_size, t.soft_tokens, t.projector)
+            projector = Projector(self.projector_config).to(self.device)
+        self.model = MultimodalLM(llm, projector)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        self._log(
+            f"model {self.model_path.name} ({t.quantization}, {self.dtype}), LoRA r={t.lora.r} on "
+            f"{t.lora.target_modules}, modality {t.modality}"
+            + (f", {t.projector} projector {self.projector_config.in_dim}->{t.soft_tokens}x{self.projector_config.hidden_size}" if projector else "")
+            + f": {trainable:,} trainable of {total:,} parameters"
+        )  # fmt: skip
+
+    def _setup_data(self) -> None:
+        t = self.t
+        self.train_examples = load_examples(self.store, t, t.train_split, self.tokenizer, t.limit)
+        try:
+            self.eval_examples = load_examples(self.store, t, t.eval_split, self.tokenizer, t.eval_limit)
+        except ValueError as exc:
+            log.warning("no validation: %s", exc)
+            self.eval_examples = []
+        self.batches_per_epoch = len(self._batches(0))
+        per_epoch_steps = math.ceil(self.batches_per_epoch / t.grad_accum)
+        self.total_steps = t.max_steps or per_epoch_steps * t.epochs
+        self._log(
+            f"data: {len(self.train_examples)} {t.train_split} / {len(self.eval_examples)} {t.eval_split} "
+            f"{t.target!r} examples from {self.store.root} v{self.store.version}; {self.world_size} process(es), "
+            f"{self.batches_per_epoch} batches of {t.batch_size} per epoch per process, {self.total_steps} steps"
+        )  # fmt: skip
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(
+            self.train_examples, batch_size=self.t.batch_size, epoch=epoch, seed=self.t.seed,
+            rank=self.rank, world_size=self.world_size, bucket=self.t.bucket_by_length,
+        )  # fmt: skip
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        t = self.t
+        groups = [{"params": [p for n, p in self.model.llm.named_parameters() if p.requires_grad], "lr": t.lr}]
+        if self.model.projector is not None:
+            groups.append({"params": list(self.model.projector.parameters()), "lr": t.projector_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+
+        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+            if step < t.warmup_steps:
+                return (step + 1) / (t.warmup_steps + 1)
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - t.warmup_steps))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.ds_config = deepspeed_config(self.config, bf16=self.dtype == torch.bfloat16)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _client_state(self) -> dict:
+        return dict(
+            step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best_val=self.best_val,
+            bad_evals=self.bad_evals, tokens_seen=self.tokens_seen,
+            rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
+        )  # fmt: skip
+
+    def _save_checkpoint(self) -> None:
+        folder = self.run_dir / CHECKPOINTS
+        self.engine.save_checkpoint(
+            str(folder), tag=f"step-{self.step}", client_state=self._client_state(), exclude_frozen_parameters=True
+        )
+        if self.is_main:
+            tags = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+            for old in tags[: -self.t.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        folder = self.run_dir / CHECKPOINTS
+        if not (folder / "latest").is_file():
+            self._log(f"no checkpoint in {folder}: starting from step 0")
+            return
+        path, state = self.engine.load_checkpoint(str(folder), load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"could not load the latest checkpoint from {folder}")
+        for name in ("step", "epoch", "batch_in_epoch", "best_val", "bad_evals", "tokens_seen"):
+            setattr(self, name, state[name])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Token-averaged loss on the validation examples (every rank takes a share)."""
+        if not self.eval_examples:
+            return None
+        self.engine.eval()
+        n, size = len(self.eval_examples), self.t.batch_size
+        # pad the index list so every rank runs the same number of forward passes (ZeRO-3 needs it)
+        per_rank = -(-n // self.world_size)
+        indices = np.arange(per_rank * self.world_size)[self.rank :: self.world_size]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(indices), size):
+            chunk = indices[start : start + size]
+            batch = self._to_device(collate([self.eval_examples[i % n] for i in chunk], self.tokenizer.pad_token_id))
+            keep = torch.as_tensor(chunk < n, device=self.device)
+            labels = batch["labels"].masked_fill(~keep[:, None], -100)
+            tokens = (labels[:, 1:] != -100).sum()
+            if tokens == 0:
+                continue
+            out = self.engine(**{**batch, "labels": labels})
+            totals += torch.stack([out.loss.double() * tokens, tokens.double()])
+        torch.distributed.all_reduce(totals)
+        self.engine.train()
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+    def train(self, until_step: int | None = None) -> TrainReport:
+        """Run to `train.max_steps` / `train.epochs`; `until_step` stops early as if interrupted."""
+        t = self.t
+        if self.is_main:
+            self._write_run_files()
+        self.engine.train()
+        metrics = open(self.run_dir / METRICS, "a") if self.is_main else None
+        last_loss, stopped_early = None, False
+        window_tokens, window_start = 0, time.perf_counter()
+        run_tokens, run_start = 0, time.perf_counter()
+        micro = 0
+        with progress_bar(f"train {t.name}", self.total_steps) as advance:
+            advance(self.step)
+            while self.step < self.total_steps and not stopped_early:
+                batches = self._batches(self.epoch)
+                while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                    batch = collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id)
+                    batch = self._to_device(batch)
+                    tokens = int(batch["attention_mask"].sum())
+                    loss = self.engine(**batch).loss
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    self.batch_in_epoch += 1
+                    micro += 1
+                    window_tokens += tokens * self.world_size
+                    run_tokens += tokens * self.world_size
+                    self.tokens_seen += tokens * self.world_size
+                    if micro % t.grad_accum:
+                        continue
+                    self.step += 1
+                    last_loss = loss.item()
+                    speed = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                    advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
+                    record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
+                    if self.step % t.log_every == 0:
+                        record["tokens_per_s"] = speed
+                        window_tokens, window_start = 0, time.perf_counter()
+                    if self.step % t.eval_every == 0 or self.step == self.total_steps:
+                        record.update(self._evaluate_and_keep_best())
+                        stopped_early = t.patience is not None and self.bad_evals >= t.patience
+                    if metrics:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    if self.step % t.save_every == 0:
+                        self._save_checkpoint()
+                    if stopped_early or (until_step is not None and self.step >= until_step):
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    continue
+                break
+        if metrics:
+            metrics.close()
+        finished = self.step >= self.total_steps or stopped_early
+        if finished and self.best_val is None and self.is_main:  # no validation split: keep the last weights
+            save_weights(self.engine.module, self.run_dir)
+        if self.is_main:
+            self._write_run_files()
+        if stopped_early:
+            self._log(f"early stop at step {self.step}: no improvement in {t.patience} validations")
+        return TrainReport(
+            self.run_dir, self.step, last_loss, self.best_val,
+            run_tokens / max(1e-9, time.perf_counter() - run_start), stopped_early, len(self.train_examples),
+        )  # fmt: skip
+
+    def _evaluate_and_keep_best(self) -> dict:
+        val = self.validate()
+        if val is None:
+            return {}
+        improved = self.best_val is None or val < self.best_val
+        if improved:
+            self.best_val, self.bad_evals = val, 0
+            self._save_best()
+        else:
+            self.bad_evals += 1
+        self._log(f"step {self.step}: {self.t.eval_split} loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f})" + (" best" if improved else ""))
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+    def _save_best(self) -> None:
+        if self.t.deepspeed_stage == 3:  # parameters are partitioned: gather the trainable ones first
+            import deepspeed
+
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.is_main:
+                    save_weights(self.engine.module, self.run_dir)
+        elif self.is_main:
+            save_weights(self.engine.module, self.run_dir)
+
+    def _write_run_files(self) -> None:
+        t = self.t
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(self.run_dir / TOKENIZER_DIR)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        store_tag = None
+        if self.store.pinned is None:
+            store_tag = "train-" + re.sub(r"[^A-Za-z0-9_-]", "-", t.name)
+            self.store.tag(store_tag, self.store.version)
+        RunInfo(
+            name=t.name, model=str(self.model_path), modality=t.modality, embedding_column=t.embedding_column,
+            quantization=t.quantization, system_prompt=t.system_prompt,
+            soft_tokens=t.soft_tokens if self.model.projector is not None else 0, max_length=t.max_length,
+            projector=vars(self.projector_config) if self.model.projector is not None else None,
+            store=str(self.store.root), store_version=self.store.version, store_tag=store_tag or str(self.store.pinned),
+            targets=t.target, targets_version=self.store.lance_dataset(TARGETS).version,
+            config_hash=self.config.fingerprint(), merg_version=metadata.version("merg"), steps=self.step,
+            best_val_loss=self.best_val,
+        ).save(self.run_dir)  # fmt: skip
+
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
+
+
+def train(config: MergConfig, until_step: int | None = None) -> TrainReport:
+    """Build the trainer from `config` and run it (the door `merg train` calls)."""
+    return Trainer(config).setup().train(until_step=until_step)
