@@ -20,6 +20,11 @@ demo: $(STAMP)
 	$(MERG) preprocess --meld-root $(DEMO_DIR)/mini-meld --store $(DEMO_DIR)/store
 	$(MERG) store stats --store $(DEMO_DIR)/store
 	$(MERG) store query --store $(DEMO_DIR)/store --emotion joy,surprise --limit 5
+	$(MERG) targets build --store $(DEMO_DIR)/store --kind next_utterance
+	$(MERG) targets build --store $(DEMO_DIR)/store --kind teacher
+	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume
+	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume \
+		--modality text --name smollm2-text
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -259,6 +259,9 @@ class Trainer:
         """Run to `train.max_steps` / `train.epochs`; `until_step` stops early as if interrupted."""
         t = self.t
         if self.is_main:
+            if self.step == 0:  # a fresh start (not a resume) replaces an earlier run of this name
+                (self.run_dir / METRICS).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self._write_run_files()
         self.engine.train()
         metrics = open(self.run_dir / METRICS, "a") if self.is_main else None
