@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume
 	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume \
 		--modality text --name smollm2-text
+	$(MERG) sweep -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store
+	$(MERG) report -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store --out $(DEMO_DIR)/report
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -33,6 +33,8 @@ EMBEDDING_COLUMNS = ("audio_emb", "vision_emb", "fused_emb")
 UTTERANCES = "utterances"
 FAILURES = "failures"
 TARGETS = "targets"
+EVAL_OUTPUTS = "eval_outputs"
+EVAL_RESULTS = "eval_results"
 TARGET_KINDS: tuple[str, ...] = ("next_utterance", "teacher")
 
 
@@ -134,10 +136,62 @@ TARGETS_SCHEMA = pa.schema(
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: TARGETS.encode()},
 )
 
+# One row per (evaluation cell, example): the reply and its per-example scores.
+EVAL_OUTPUTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # "<cell>:<key>"
+        pa.field("cell", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("history", pa.list_(pa.string())),
+        pa.field("next_speaker", pa.string()),
+        pa.field("reference", pa.string()),
+        pa.field("reply", pa.string()),
+        pa.field("next_emotion", pa.string()),
+        pa.field("reply_emotion", pa.string()),  # the emotion backend's top label for the reply
+        pa.field("reference_emotion", pa.string()),
+        pa.field("nll", pa.float64()),  # summed NLL of the gold reply given the prompt
+        pa.field("tokens", pa.int32()),
+        pa.field("bertscore_f1", pa.float64()),
+        pa.field("emotion_alignment", pa.float64()),
+        pa.field("sentiment_alignment", pa.float64()),
+        pa.field("emotion_alignment_history", pa.float64()),
+        pa.field("sentiment_alignment_history", pa.float64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: EVAL_OUTPUTS.encode()},
+)
+
+# One row per evaluation cell (system x decoding preset x split): status, aggregates, provenance.
+EVAL_RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("cell", pa.string(), nullable=False),  # hash of everything that determines the numbers
+        pa.field("sweep", pa.string()),
+        pa.field("system", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("run", pa.string()),  # the trained run folder, or null for a pretrained model
+        pa.field("preset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("status", pa.string()),  # "done" | "failed"
+        pa.field("error", pa.string()),
+        pa.field("examples", pa.int32()),
+        pa.field("metrics", pa.string()),  # JSON: every aggregate with its 95% interval, and descriptions
+        pa.field("notes", pa.string()),  # e.g. stand-in models, random-init encoders
+        pa.field("config_hash", pa.string()),
+        pa.field("store_version", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: EVAL_RESULTS.encode()},
+)
+
 # Tables besides `utterances` that the store upserts generically: schema and merge key.
 RECORD_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     FAILURES: (FAILURES_SCHEMA, ("key", "stage")),
     TARGETS: (TARGETS_SCHEMA, ("id",)),
+    EVAL_OUTPUTS: (EVAL_OUTPUTS_SCHEMA, ("id",)),
+    EVAL_RESULTS: (EVAL_RESULTS_SCHEMA, ("cell",)),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from importlib import metadata
@@ -26,6 +27,8 @@ asd_app = typer.Typer(help="Inspect active speaker detection.", no_args_is_help=
 app.add_typer(asd_app, name="asd")
 targets_app = typer.Typer(help="Build training/evaluation targets in the store.", no_args_is_help=True)
 app.add_typer(targets_app, name="targets")
+evaluate_app = typer.Typer(help="Evaluate trained runs or pretrained models (and train the emotion classifier).")
+app.add_typer(evaluate_app, name="evaluate")
 
 # Logs and pipes get wide tables rather than rich's 80-column default for non-terminals.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -273,6 +276,119 @@ def train(
     for label, value in rows:
         table.add_row(label, str(value))
     out.print(table)
+
+
+def _print_results(store_root: Path, cells: list[str]) -> None:
+    from featurestore.schema import EVAL_RESULTS
+    from featurestore.store import Store, build_filter
+
+    if not cells:
+        return
+    rows = Store.open(store_root).read_records(EVAL_RESULTS, build_filter(cell=cells)).to_pylist()
+    table = Table(title="evaluation (standard definitions; mean over the pairs)")
+    names = [("PPL", "ppl"), ("Dist-2", "dist2"), ("BERTScore F1", "bertscore_f1"), ("Emotion", "emotion"),
+             ("Sentiment", "sentiment"), ("Empathy", "empathy")]  # fmt: skip
+    for column in ["system", "decoding", "split", "N", *(n for n, _ in names)]:
+        table.add_column(column, justify="left" if column in ("system", "decoding", "split") else "right")
+    for row in rows:
+        metrics = json.loads(row["metrics"])
+        table.add_row(row["system"], row["preset"], row["split"], str(row["examples"]),
+                      *(f"{metrics[k]['value']:.3f}" for _, k in names))  # fmt: skip
+    out.print(table)
+    notes = {n for r in rows if r["notes"] for n in r["notes"].split("; ")}
+    for note in sorted(notes):
+        out.print(f"[yellow]note:[/yellow] {note}")
+
+
+@evaluate_app.callback(invoke_without_command=True)
+def evaluate_command(
+    ctx: typer.Context,
+    run: Annotated[Optional[list[Path]], typer.Option(help="A trained run folder (repeatable).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A pretrained model (text only): local HF folder or the embedded name.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Comma-separated splits (default test).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="default | reference | sample (comma-separated).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N pairs.")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Evaluate runs (`--run runs/NAME`) or a pretrained model (`--model`) here, results into the store."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from evaluation import evaluate
+
+    systems = [{"name": r.name, "run": str(r)} for r in run or []]
+    if model:
+        systems.append({"name": f"{Path(model).name} (pretrained)", "model": model})
+    cfg = _config(
+        config, overrides, paths__store=store, evaluate__splits=f"[{split}]" if split else None,
+        evaluate__presets=f"[{preset}]" if preset else None, evaluate__target=target, evaluate__limit=limit,
+        evaluate__force=force, evaluate__systems=json.dumps(systems) if systems else None,
+    )  # fmt: skip
+    if not cfg.evaluate.systems:
+        raise typer.BadParameter("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
+    report = evaluate(cfg)
+    out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
+    from evaluation.sweep import grid
+
+    _print_results(cfg.paths.store, [c.id(cfg.evaluate) for c in grid(cfg)])
+
+
+@evaluate_app.command("train-emotion-classifier")
+def evaluate_train_emotion_classifier(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Train merg's MELD emotion classifier (MiniLM + logistic regression) on MELD's real text."""
+    from evaluation.metrics.emotion import MELD_CLASSIFIER_DIR, train_meld_emotion_classifier
+
+    cfg = _config(config, overrides)
+    if cfg.paths.meld_text is None:
+        raise typer.BadParameter("needs MELD's annotation CSVs: set paths.meld_text or $MERG_MELD_TEXT")
+    target = cfg.paths.model_cache / MELD_CLASSIFIER_DIR
+    result = train_meld_emotion_classifier(cfg.paths.meld_text, target)
+    out.print(f"MELD emotion classifier -> {target}: C={result['C']}, dev weighted-F1 {result['dev']['weighted_f1']:.3f}, "
+              f"test weighted-F1 {result['test']['weighted_f1']:.3f}, accuracy {result['test']['accuracy']:.3f}")  # fmt: skip
+
+
+@app.command("sweep")
+def sweep_command(
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable."""
+    from evaluation import sweep
+    from evaluation.sweep import grid
+
+    cfg = _config(config, overrides, paths__store=store, evaluate__force=force, evaluate__ray_address=ray_address)
+    report = sweep(cfg)
+    out.print(f"sweep {report.sweep}: {report.cells} cells, {len(report.done)} done now, {report.skipped} already done, "
+              f"{len(report.failed)} failed ({report.seconds:.0f} s)")  # fmt: skip
+    for cell, error in report.failed.items():
+        out.print(f"[red]failed[/red] {cell}: {error}")
+    _print_results(cfg.paths.store, [c.id(cfg.evaluate) for c in grid(cfg)])
+
+
+@app.command("report")
+def report_command(
+    sweep: Annotated[Optional[str], typer.Option(help="Sweep name (default: every result in the store).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md/html (default evaluate.report_dir).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Write report.md and report.html (tables in both definitions, plots, examples)."""
+    from evaluation import report
+    from featurestore.store import Store
+
+    cfg = _config(config, overrides, paths__store=store, evaluate__report_dir=out_dir)
+    try:
+        files = report(Store.open(cfg.paths.store), sweep or (cfg.evaluate.sweep if config else None), cfg.evaluate.report_dir)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    out.print(f"report of {files.cells} cells -> {files.markdown} and {files.html}")
 
 
 @asd_app.command("show")

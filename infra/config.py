@@ -200,12 +200,56 @@ class TrainConfig(_Section):
         return {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}[self.modality]
 
 
+class SystemSpec(_Section):
+    """One system in an evaluation: a base model, pretrained (no run) or a trained run of it."""
+
+    name: str
+    model: str = EMBEDDED_LLM
+    modality: Literal["text", "audio", "video", "audio+video"] = "text"
+    run: Path | None = Field(None, description="runs/<name> of a trained run; its model and modality win")
+    quantization: Literal["nf4", "none"] = "nf4"
+
+
+class EvaluateConfig(_Section):
+    """Evaluation (`merg evaluate`, `merg sweep`, `merg report`): a grid of systems x presets x splits."""
+
+    sweep: str = Field("adhoc", description="name the results are stored and reported under")
+    systems: list[SystemSpec] = []
+    presets: list[Literal["default", "reference", "sample"]] = ["default"]
+    splits: list[Literal["train", "dev", "test"]] = ["test"]
+    target: Literal["next_utterance", "teacher"] = "next_utterance"
+    limit: int | None = Field(None, ge=1, description="first N test pairs (smoke runs); the same N for every system")
+    batch_size: int = Field(16, ge=1)
+    system_prompt: str = REPLY_SYSTEM_PROMPT
+    max_length: int = Field(384, ge=32)
+    emotion_backend: str = Field("auto", description="auto | meld | lexicon | a local HF classifier folder")
+    bertscore_model: str | None = Field(None, description="local folder (e.g. roberta-large); default embedded MiniLM")
+    bertscore_layers: int | None = None
+    bootstrap_samples: int = Field(1000, ge=10)
+    seed: int = 0
+    force: bool = Field(False, description="re-run cells already evaluated")
+    ray_address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")
+    gpus_per_cell: float = Field(0.0, ge=0, description="GPUs per evaluation cell (Ray task)")
+    cpus_per_cell: float = Field(1.0, gt=0)
+    report_dir: Path = Path("reports")
+
+    @field_validator("systems")
+    @classmethod
+    def _unique_names(cls, systems: list[SystemSpec]) -> list[SystemSpec]:
+        names = [s.name for s in systems]
+        if len(set(names)) != len(names):
+            raise ValueError(f"system names must be unique (results are reported by name): {names}")
+        return systems
+
+
 class MergConfig(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def fingerprint(self) -> str:
         """Short hash of the full config, recorded in every artifact's provenance."""

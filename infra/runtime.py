@@ -32,8 +32,11 @@ def configure_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=console, show_path=False, markup=False)],
         force=True,
     )
-    for noisy in ("filelock", "urllib3", "numba", "matplotlib"):
+    for noisy in ("filelock", "urllib3", "numba", "matplotlib", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # transformers' per-load "Loading weights" bars and advice drown merg's own output
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

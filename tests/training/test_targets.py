@@ -5,7 +5,7 @@ from featurestore.store import Store
 from infra.config import TargetsConfig
 from training.targets import build_targets, clean_reply, dialogue_examples
 
-from tests.training.conftest import DIM, dialogue_rows
+from tests.conftest import DIM, dialogue_rows
 
 
 def test_pairs_stay_within_dialogues_with_bounded_history():

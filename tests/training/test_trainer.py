@@ -15,7 +15,7 @@ from training import load_run, train
 from training.data import DataError
 from training.trainer import Trainer
 
-from tests.training.conftest import DIM, dialogue_rows, train_config
+from tests.conftest import DIM, dialogue_rows, train_config
 
 
 def _losses(run_dir):

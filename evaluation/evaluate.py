@@ -1,0 +1,204 @@
+"""One evaluation cell: a system x a decoding preset x a split, on the same pairs for every system.
+
+    rows, result = evaluate_cell(Cell(sweep, system, preset, split), config)
+
+Steps: load the pairs (targets of `evaluate.target` with the utterance embeddings the system needs),
+load the system (a trained run, or a pretrained model for text-only), generate replies in batches,
+score the gold replies teacher-forced, then the metrics (`evaluation.metrics`), each aggregate with a
+bootstrap 95% interval. Both definitions are computed: the standard ones (reply vs reference) and
+the reference system's (reply vs dialogue history; self/unconditioned perplexities), labelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.generate import PRESETS, Pair, first_sentence, generate_replies, score_references, score_without_context
+from evaluation.metrics import bootstrap_ci, distinct_n, mean_distinct_n, perplexity, sentiment_alignment, vader_compound
+from evaluation.metrics.bertscore import BertScorer
+from evaluation.metrics.distinct import TOKENIZER
+from evaluation.metrics.emotion import emotion_alignment, load_emotion_backend
+from featurestore.schema import EMOTIONS
+from featurestore.store import Store
+from infra.config import EvaluateConfig, MergConfig, SystemSpec
+from infra.models import embedded_llm_dir, resolve_llm
+
+log = logging.getLogger(__name__)
+
+COLUMNS = {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    sweep: str
+    system: SystemSpec
+    preset: str
+    split: str
+
+    def id(self, config: EvaluateConfig) -> str:
+        """Hash of everything that determines this cell's numbers (a re-run with the same id is skipped)."""
+        settings = config.model_dump(mode="json", include={"target", "limit", "system_prompt", "max_length",
+                                                          "emotion_backend", "bertscore_model", "bertscore_layers",
+                                                          "bootstrap_samples", "seed"})  # fmt: skip
+        run = self.system.run
+        run_state = (Path(run) / "run.json").read_text() if run and (Path(run) / "run.json").is_file() else None
+        blob = json.dumps([self.system.model_dump(mode="json"), self.preset, self.split, settings, run_state], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Scorers:
+    """The metric models (BERTScore encoder, emotion classifier), loaded once per process."""
+
+    def __init__(self, config: EvaluateConfig, model_cache: Path):
+        self.bertscore = BertScorer(config.bertscore_model, config.bertscore_layers)
+        self.emotion = load_emotion_backend(config.emotion_backend, model_cache)
+
+
+def load_system(spec: SystemSpec, model_cache: Path, device: torch.device):
+    """(model, tokenizer, model path, modality, soft_tokens, system_prompt or None, notes) of a run or a pretrained model."""
+    from training import load_run
+    from training.mllm import MultimodalLM, load_llm, resolve_dtype
+
+    notes = []
+    if spec.run is not None:
+        model, tokenizer, info = load_run(spec.run, device=device)
+        model_path, modality, soft_tokens, system_prompt = info.model, info.modality, info.soft_tokens, info.system_prompt
+    else:
+        if spec.modality != "text":
+            raise ValueError(f"system {spec.name!r}: a pretrained model has no projector; {spec.modality} needs a trained run")
+        path = resolve_llm(spec.model, model_cache)
+        llm, tokenizer = load_llm(path, quantization=spec.quantization, dtype=resolve_dtype("auto", device), device=device)
+        model, model_path, modality, soft_tokens, system_prompt = MultimodalLM(llm).eval(), str(path), "text", 0, None
+    if Path(model_path).resolve() == embedded_llm_dir(model_cache).resolve():
+        notes.append("LLM: embedded SmolLM2-135M-Instruct (a small stand-in for 7-8B models)")
+    return model, tokenizer, model_path, modality, soft_tokens, system_prompt, notes
+
+
+def load_pairs(store: Store, config: EvaluateConfig, split: str, modality: str) -> tuple[list[Pair], list[str], list[str]]:
+    """The pairs (sorted by key, first `limit`), with each pair's next-utterance emotion label and the
+    last history line's text (the reference system compared replies with the history)."""
+    targets = store.targets(config.target, split=split, columns=["key", "history", "next_speaker", "target", "next_emotion"])
+    if targets.num_rows == 0:
+        raise ValueError(f"no {config.target!r} targets for {split} in {store.root}: run `merg targets build --kind {config.target}`")
+    if config.limit:
+        targets = targets.slice(0, config.limit)
+    rows = targets.to_pylist()
+    media: dict[str, np.ndarray] = {}
+    column = COLUMNS[modality]
+    if column:
+        table = store.query(split=split, columns=["key", column])
+        table = table.filter(table.column(column).is_valid())
+        width = store.fused_dim if column == "fused_emb" else store.embedding_dim
+        media = dict(zip(table.column("key").to_pylist(), table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, width)))
+        zero = np.zeros(width, dtype=np.float32)
+    pairs = [Pair(r["key"], r["history"], r["next_speaker"], r["target"], media.get(r["key"], zero) if column else None) for r in rows]
+    return pairs, [r["next_emotion"] for r in rows], [r["history"] for r in rows]
+
+
+def _mean_ci(values: np.ndarray, config: EvaluateConfig) -> dict:
+    lo, hi = bootstrap_ci(len(values), lambda i: values[i].mean(), samples=config.bootstrap_samples, seed=config.seed)
+    return {"value": float(values.mean()) if len(values) else float("nan"), "ci": [lo, hi]}
+
+
+def _corpus_ci(n: int, statistic, config: EvaluateConfig) -> dict:
+    lo, hi = bootstrap_ci(n, statistic, samples=config.bootstrap_samples, seed=config.seed)
+    return {"value": float(statistic(np.arange(n))), "ci": [lo, hi]}
+
+
+def _utterance_text(line: str) -> str:
+    return line.split(":", 1)[1].strip() if ":" in line else line
+
+
+def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None) -> tuple[list[dict], dict]:
+    """Per-example output rows and the cell's result row (for the `eval_outputs` / `eval_results` tables)."""
+    ec = config.evaluate
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorers = scorers or Scorers(ec, config.paths.model_cache)
+    store = Store.open(config.paths.store)
+    model, tokenizer, model_path, modality, soft_tokens, run_prompt, notes = load_system(cell.system, config.paths.model_cache, device)
+    system_prompt = run_prompt or ec.system_prompt
+    pairs, next_emotions, histories = load_pairs(store, ec, cell.split, modality)
+    if COLUMNS[modality]:
+        encoders = set(store.query(split=cell.split, columns=["encoder_checkpoint"]).column(0).drop_null().to_pylist())
+        if any(e.startswith("random-init") for e in encoders):
+            notes.append("embeddings: ImageBind at random init (no imagebind_huge.pth given)")
+    cell_id = cell.id(ec)
+    log.info("cell %s: %s / %s / %s, %d pairs", cell_id, cell.system.name, cell.preset, cell.split, len(pairs))
+
+    replies = generate_replies(model, tokenizer, pairs, PRESETS[cell.preset], system=system_prompt,
+                               soft_tokens=soft_tokens, batch_size=ec.batch_size, seed=ec.seed)  # fmt: skip
+    references = [p.reference for p in pairs]
+    nll, tokens = score_references(model, tokenizer, pairs, system=system_prompt, soft_tokens=soft_tokens,
+                                   max_length=ec.max_length, batch_size=ec.batch_size)  # fmt: skip
+    self_nll, self_tokens = score_without_context(model, tokenizer, [first_sentence(r) for r in replies], ec.batch_size)
+    ref_nll, ref_tokens = score_without_context(model, tokenizer, references, ec.batch_size)
+    del model
+    bert = scorers.bertscore(replies, references)
+    p_reply, p_ref = scorers.emotion.probs(replies), scorers.emotion.probs(references)
+    # the reference system's emotion/sentiment baseline: the mean over the dialogue-history utterances
+    flat = [_utterance_text(line) for h in histories for line in h]
+    p_flat, s_flat = scorers.emotion.probs(flat), vader_compound(flat)
+    bounds = np.cumsum([0] + [len(h) for h in histories])
+    p_hist = np.stack([p_flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+    s_hist = np.array([s_flat[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+    s_reply, s_ref = vader_compound(replies), vader_compound(references)
+    emo, emo_hist = emotion_alignment(p_reply, p_ref), emotion_alignment(p_reply, p_hist)
+    sent, sent_hist = sentiment_alignment(s_reply, s_ref), sentiment_alignment(s_reply, s_hist)
+    reply_label = [EMOTIONS[i] for i in p_reply.argmax(axis=1)]
+    ref_label = [EMOTIONS[i] for i in p_ref.argmax(axis=1)]
+    correct = np.array([a == b for a, b in zip(reply_label, next_emotions)], dtype=np.float64)
+
+    n = len(pairs)
+    metrics = {
+        "ppl": _corpus_ci(n, lambda i: perplexity(nll[i], tokens[i]), ec),
+        "ref_self_ppl": _corpus_ci(n, lambda i: perplexity(self_nll[i], self_tokens[i]), ec),
+        "ref_uncond_ppl": _corpus_ci(n, lambda i: perplexity(ref_nll[i], ref_tokens[i]), ec),
+        # corpus-level Dist-n depends on corpus size (a resample with repeats has fewer distinct n-grams),
+        # so it gets no bootstrap interval; the per-reply mean does
+        "dist1": {"value": distinct_n(replies, 1)},
+        "dist2": {"value": distinct_n(replies, 2)},
+        "dist1_mean": _mean_ci(np.array([mean_distinct_n([r], 1) for r in replies]), ec),
+        "dist2_mean": _mean_ci(np.array([mean_distinct_n([r], 2) for r in replies]), ec),
+        "bertscore_p": _mean_ci(bert.precision, ec),
+        "bertscore_r": _mean_ci(bert.recall, ec),
+        "bertscore_f1": _mean_ci(bert.f1, ec),
+        "emotion": _mean_ci(emo, ec),
+        "sentiment": _mean_ci(sent, ec),
+        "empathy": _mean_ci((emo + sent) / 2, ec),
+        "emotion_accuracy": _mean_ci(correct, ec),
+        "ref_emotion": _mean_ci(emo_hist, ec),
+        "ref_sentiment": _mean_ci(sent_hist, ec),
+        "ref_empathy": _mean_ci((emo_hist + sent_hist) / 2, ec),
+        "descriptions": {
+            "dist": f"Dist-n over all replies (corpus level, Li et al. 2016; no interval) and per reply (dist*_mean); tokens: {TOKENIZER}", "bertscore": bert.description, "emotion_backend": scorers.emotion.name,
+            "sentiment": "VADER compound, alignment 1 - |difference|",
+            "ppl": "teacher-forced on the gold reply + EOS given the full prompt, token-averaged over the set",
+            "ref_*": "the reference system's definitions: reply vs dialogue-history mean; self / unconditioned perplexity",
+        },  # fmt: skip
+    }
+    if not scorers.bertscore.baseline:
+        notes.append(f"BERTScore: {bert.description}")
+    rows = [
+        dict(id=f"{cell_id}:{p.key}", cell=cell_id, key=p.key, history=p.history, next_speaker=p.next_speaker,
+             reference=p.reference, reply=r, next_emotion=ne, reply_emotion=rl, reference_emotion=fl, nll=float(a),
+             tokens=int(t), bertscore_f1=float(f), emotion_alignment=float(e), sentiment_alignment=float(s),
+             emotion_alignment_history=float(eh), sentiment_alignment_history=float(sh))
+        for p, r, ne, rl, fl, a, t, f, e, s, eh, sh in zip(pairs, replies, next_emotions, reply_label, ref_label, nll,
+                                                            tokens, bert.f1, emo, sent, emo_hist, sent_hist)
+    ]  # fmt: skip
+    result = dict(
+        cell=cell_id, sweep=cell.sweep, system=cell.system.name, model=str(model_path), modality=modality,
+        run=str(cell.system.run) if cell.system.run else None, preset=cell.preset, split=cell.split, target=ec.target,
+        status="done", examples=n, metrics=json.dumps(metrics), notes="; ".join(notes) or None,
+        config_hash=config.fingerprint(), store_version=store.version, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    return rows, result

@@ -1,0 +1,52 @@
+"""The sweep on Ray: every system on the same pairs, results in the store, resumable, failures recorded."""
+
+import json
+
+from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
+from featurestore.store import Store
+from infra.config import EvaluateConfig, MergConfig, PathsConfig
+
+
+def _config(store, tiny_llm, tiny_runs, report_dir) -> MergConfig:
+    systems = [
+        {"name": "pretrained", "model": str(tiny_llm), "modality": "text", "quantization": "none"},
+        {"name": "text run", "run": str(tiny_runs / "text")},
+        {"name": "mm run", "run": str(tiny_runs / "mm")},
+        {"name": "impossible", "model": str(tiny_llm), "modality": "audio"},  # no projector: fails, alone
+    ]
+    evaluate = EvaluateConfig(sweep="t", systems=systems, limit=4, bootstrap_samples=50, batch_size=4,
+                              emotion_backend="lexicon", report_dir=report_dir)  # fmt: skip
+    return MergConfig(paths=PathsConfig(store=store), evaluate=evaluate)
+
+
+def test_sweep_is_resumable_and_records_failures(eval_store, tiny_llm, tiny_runs, ray_session, tmp_path):
+    from evaluation import report, sweep
+
+    config = _config(eval_store, tiny_llm, tiny_runs, tmp_path / "report")
+    first = sweep(config)
+    assert len(first.done) == 3 and len(first.failed) == 1
+    assert "has no projector" in next(iter(first.failed.values()))
+    store = Store.open(eval_store)
+    results = store.read_records(EVAL_RESULTS).to_pylist()
+    assert sorted(r["status"] for r in results) == ["done", "done", "done", "failed"]
+    outputs = store.read_records(EVAL_OUTPUTS)
+    keys_by_cell = {}
+    for cell, key in zip(outputs.column("cell").to_pylist(), outputs.column("key").to_pylist()):
+        keys_by_cell.setdefault(cell, set()).add(key)
+    assert len(keys_by_cell) == 3 and len({frozenset(k) for k in keys_by_cell.values()}) == 1  # the same pairs
+    metrics = json.loads(next(r for r in results if r["system"] == "mm run")["metrics"])
+    for name in ("ppl", "dist2", "bertscore_f1", "emotion", "sentiment", "empathy", "ref_self_ppl", "ref_empathy"):
+        assert name in metrics
+    lo, hi = metrics["bertscore_f1"]["ci"]
+    assert lo <= metrics["bertscore_f1"]["value"] <= hi
+
+    again = sweep(config)  # finished cells are skipped, the failed one is tried again
+    assert again.skipped == 3 and len(again.failed) == 1 and not again.done
+    assert store.read_records(EVAL_OUTPUTS).num_rows == outputs.num_rows == 12
+
+    files = report(store, "t", tmp_path / "report")
+    page = files.html.read_text()
+    assert "<table>" in page and "mm run" in page and "metrics.png" in page and "emotion_confusion.png" in page
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in files.images)
+    markdown = files.markdown.read_text()
+    assert "| Method | Model |" in markdown and "impossible" in markdown  # the failed cell is listed
