@@ -80,12 +80,12 @@ def reference_way(clips, out: Path) -> float:
     return len(clips) / (time.perf_counter() - start)
 
 
-def merg_job(root: Path, store: Path, gpus: float, asd: str) -> float:
+def merg_job(root: Path, store: Path, gpus: float, asd: str, extra: list[str] = ()) -> float:
     from infra.runtime import init_ray
 
     init_ray()  # a cluster is up before a job runs; starting one is not the job's cost
     overrides = [f"preprocess.meld_root={root}", f"paths.store={store}", f"preprocess.encoder_gpus={gpus}",
-                 f"preprocess.asd_method={asd}"]  # fmt: skip
+                 f"preprocess.asd_method={asd}", *extra]  # fmt: skip
     report = run_preprocess(load_config(None, overrides))
     return (report.total - report.text_only) / report.media_seconds
 
@@ -94,6 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dialogues", type=int, default=40)
     parser.add_argument("--meld-root", type=Path, help="use this MELD-layout folder instead of generating one")
+    parser.add_argument("--pool-only", action="store_true",
+                        help="only merg's job, once per ImageBind size in --sizes (the GPU check's encoder-pool figure)")  # fmt: skip
+    parser.add_argument("--sizes", default="small", help="ImageBind sizes for --pool-only: small,huge (random init)")
+    parser.add_argument("--encoder-actors", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="merg-bench-pre-"))
     try:
@@ -109,7 +115,10 @@ def main() -> None:
         workers = os.cpu_count() or 1
         import torch
 
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+        gpus = 1.0 / args.encoder_actors if torch.cuda.is_available() else 0.0
+        if args.pool_only:
+            pool_only(args, root, work, gpus, len(clips))
+            return
         a = decode_only(clips, workers, "none")  # process pools fork: run them before Ray starts
         a_asd = decode_only(clips, workers, "sync")
         b = reference_way(clips, work / "reference")
@@ -129,6 +138,28 @@ def main() -> None:
         Console(width=140).print(table)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def pool_only(args, root: Path, work: Path, gpus: float, clips: int) -> None:
+    """merg's job with its encoder pool on the GPU (if any), per ImageBind size; speaker stage off."""
+    import json
+
+    import torch
+
+    results: dict = {}
+    for size in args.sizes.split(","):
+        extra = [f"preprocess.imagebind_size={size}", f"preprocess.encoder_actors={args.encoder_actors}",
+                 f"preprocess.batch_size={args.batch_size}"]  # fmt: skip
+        results[size] = {"clips_per_s": merg_job(root, work / f"store-{size}", gpus, "none", extra)}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    table = Table(title=f"merg preprocessing job, {clips} clips, {args.encoder_actors} encoder actor(s) on {device}")
+    table.add_column("ImageBind (random init)")
+    table.add_column("clips/s", justify="right")
+    for size, r in results.items():
+        table.add_row(size, f"{r['clips_per_s']:.2f}")
+    Console(width=140).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(dict(results, device=device, clips=clips), indent=2))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train.py [--steps 6] [--batch-size 8] [--model smollm2-135m-instruct]
 
 Same model (4-bit NF4 + LoRA r=16 on all linear layers), same examples (real MELD dialogues from
-../shared/meld-text, `next_utterance` targets, text modality so that every variant can run it), same
+../shared/meld-text, else the generator's bank, `next_utterance` targets, text modality so that every variant can run it), same
 number of examples seen:
 - merg: `training.train` (DeepSpeed ZeRO-2, length-bucketed batches of `--batch-size`);
 - hf: `transformers.Trainer` on the same tokenised examples, batches of `--batch-size` padded to the
@@ -28,27 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.text_store import build_text_store  # noqa: E402
 from featurestore.store import Store  # noqa: E402
-from infra.config import MergConfig, PathsConfig, TargetsConfig, TrainConfig  # noqa: E402
+from infra.config import MergConfig, PathsConfig, TrainConfig  # noqa: E402
 
 VARIANTS = ("merg", "hf", "reference")
-
-
-def build_store(root: Path, dialogues: int) -> None:
-    """Real MELD train dialogues (text + labels) and their next-utterance targets."""
-    from pipelines.meld import read_split
-    from training import build_targets
-
-    paths = PathsConfig()
-    if paths.meld_text is None:
-        sys.exit("needs MELD's annotation CSVs (../shared/meld-text or $MERG_MELD_TEXT)")
-    records = [r for r in read_split(paths.meld_text, "train").records if r.dialogue_id < dialogues]
-    rows = [dict(key=f"train/dia{r.dialogue_id}_utt{r.utterance_id}", split="train", dialogue_id=r.dialogue_id,
-                 utterance_id=r.utterance_id, speaker=r.speaker, text=r.text, emotion=r.emotion, sentiment=r.sentiment)
-            for r in records]  # fmt: skip
-    store = Store.open(root, create=True, embedding_dim=8)
-    store.write_utterances(rows)
-    build_targets(store, TargetsConfig(kind="next_utterance", splits=["train"]), root)
 
 
 def config(args, root: Path) -> MergConfig:
@@ -140,7 +124,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build_store(root / "store", args.dialogues)
+        source = build_text_store(root / "store", "train", args.dialogues)
+        print(f"dialogues from {source}")
         results = {}
         for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--variant", variant, "--root", str(root), "--steps", str(args.steps),

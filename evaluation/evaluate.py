@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.generate import PRESETS, Pair, first_sentence, generate_replies, score_references, score_without_context
+from evaluation.generate import PRESETS, Pair, first_sentence, generate_and_score, score_without_context
 from evaluation.metrics import bootstrap_ci, distinct_n, mean_distinct_n, perplexity, sentiment_alignment, vader_compound
 from evaluation.metrics.bertscore import BertScorer
 from evaluation.metrics.distinct import TOKENIZER
@@ -134,11 +134,11 @@ def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None
     cell_id = cell.id(ec)
     log.info("cell %s: %s / %s / %s, %d pairs", cell_id, cell.system.name, cell.preset, cell.split, len(pairs))
 
-    replies = generate_replies(model, tokenizer, pairs, PRESETS[cell.preset], system=system_prompt,
-                               soft_tokens=soft_tokens, batch_size=ec.batch_size, seed=ec.seed)  # fmt: skip
+    replies, nll, tokens = generate_and_score(
+        model, tokenizer, pairs, PRESETS[cell.preset], system=system_prompt, soft_tokens=soft_tokens,
+        max_length=ec.max_length, batch_size=ec.batch_size, seed=ec.seed,
+    )  # fmt: skip
     references = [p.reference for p in pairs]
-    nll, tokens = score_references(model, tokenizer, pairs, system=system_prompt, soft_tokens=soft_tokens,
-                                   max_length=ec.max_length, batch_size=ec.batch_size)  # fmt: skip
     self_nll, self_tokens = score_without_context(model, tokenizer, [first_sentence(r) for r in replies], ec.batch_size)
     ref_nll, ref_tokens = score_without_context(model, tokenizer, references, ec.batch_size)
     del model
@@ -200,5 +200,16 @@ def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None
         run=str(cell.system.run) if cell.system.run else None, preset=cell.preset, split=cell.split, target=ec.target,
         status="done", examples=n, metrics=json.dumps(metrics), notes="; ".join(notes) or None,
         config_hash=config.fingerprint(), store_version=store.version, seconds=time.perf_counter() - started,
+        node=_node(),
     )  # fmt: skip
     return rows, result
+
+
+def _node() -> str:
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    return socket.gethostname()

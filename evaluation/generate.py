@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evaluation.metrics.perplexity import token_nll
+from evaluation.metrics.perplexity import aligned_nll
 from training.data import Example, collate
 from training.prompt import EncodedExample, encode_example, encode_prompt
 
@@ -121,9 +121,80 @@ def _score(model, tokenizer, examples: list[Example], batch_size: int) -> tuple[
     nll, tokens = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for chunk in _batches(len(examples), batch_size):
         batch = _to(collate([examples[i] for i in chunk], tokenizer.pad_token_id), model.device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        sums, counts = token_nll(logits, labels)
+        out = model(**batch)  # with labels: logits only where a reply token is predicted
+        sums, counts = aligned_nll(out.logits, out.targets)
         nll[chunk.start : chunk.stop] = sums.double().cpu().numpy()
         tokens[chunk.start : chunk.stop] = counts.cpu().numpy()
     return nll, tokens
+
+
+@torch.no_grad()
+def generate_and_score(
+    model, tokenizer, pairs: Sequence[Pair], preset: Preset, *, system: str, soft_tokens: int, max_length: int,
+    batch_size: int = 16, seed: int = 0,
+) -> tuple[list[str], np.ndarray, np.ndarray]:  # fmt: skip
+    """`generate_replies` and `score_references` in one pass over each prompt: the prompt is run once
+    (left-padded, KV cache kept), the gold reply is scored on a copy of that cache, and the reply is
+    decoded from it. The prompt dominates the cost, so this halves the work of doing both."""
+    import copy
+
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    embed_tokens = model.llm.get_input_embeddings()
+    prompts, references = [], []
+    for p in pairs:
+        e = encode_example(tokenizer, p.history, p.next_speaker, p.reference, system=system,
+                           soft_tokens=soft_tokens if p.media is not None else 0, max_length=max_length)  # fmt: skip
+        k = next(i for i, label in enumerate(e.labels) if label != -100)
+        prompts.append(Example(p.key, EncodedExample(e.input_ids[:k], [-100] * k, e.media_mask[:k]), p.media))
+        references.append(e.input_ids[k:])
+    warp = LogitsProcessorList([TemperatureLogitsWarper(preset.temperature), TopPLogitsWarper(preset.top_p)])
+    order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
+    replies, nll, counts = [""] * len(pairs), np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    for chunk in _batches(len(order), batch_size):
+        indices = [order[i] for i in chunk]
+        batch = _to(collate([prompts[i] for i in indices], tokenizer.pad_token_id, left_pad=True), model.device)
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded positions
+        embeds = model.embed(batch["input_ids"], batch.get("media"), batch["media_mask"])
+        prefill = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, next_logits, last = prefill.past_key_values, prefill.logits[:, -1].float(), positions[:, -1:]
+
+        # the gold reply (+ EOS), teacher-forced on a copy of the prompt's cache
+        width = max(len(references[i]) for i in indices)
+        ref = torch.full((len(indices), width), tokenizer.pad_token_id, dtype=torch.long, device=model.device)
+        ref_mask = torch.zeros_like(ref)
+        for row, i in enumerate(indices):
+            ref[row, : len(references[i])] = torch.tensor(references[i])
+            ref_mask[row, : len(references[i])] = 1
+        scored = model.llm(
+            inputs_embeds=embed_tokens(ref), attention_mask=torch.cat([mask, ref_mask], dim=1),
+            position_ids=last + 1 + torch.arange(width, device=model.device), past_key_values=copy.deepcopy(cache),
+        )  # fmt: skip
+        logits = torch.cat([next_logits[:, None], scored.logits[:, :-1].float()], dim=1)  # position j predicts ref[:, j]
+        sums, n = aligned_nll(logits, ref.masked_fill(ref_mask == 0, -100))
+        nll[indices], counts[indices] = sums.double().cpu().numpy(), n.cpu().numpy()
+
+        # the reply, decoded from the prompt's cache (greedy, or top-p sampling)
+        tokens, done = [], torch.zeros(len(indices), dtype=torch.bool, device=model.device)
+        for step in range(preset.max_new_tokens):
+            if preset.do_sample:
+                probs = warp(None, next_logits).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = next_logits.argmax(-1)
+            token = token.masked_fill(done, tokenizer.pad_token_id)
+            tokens.append(token)
+            done |= token == tokenizer.eos_token_id
+            if done.all() or step == preset.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(indices), 1)], dim=1)  # as generate() extends it
+            last = last + 1
+            out = model.llm(input_ids=token[:, None], attention_mask=mask, position_ids=last, past_key_values=cache, use_cache=True)
+            cache, next_logits = out.past_key_values, out.logits[:, -1].float()
+        new = torch.stack(tokens, dim=1)
+        for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            text = " ".join(text.split())
+            replies[i] = first_sentence(text) if preset.first_sentence else text
+    return replies, nll, counts

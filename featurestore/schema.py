@@ -181,6 +181,7 @@ EVAL_RESULTS_SCHEMA = pa.schema(
         pa.field("config_hash", pa.string()),
         pa.field("store_version", pa.int64()),
         pa.field("seconds", pa.float64()),
+        pa.field("node", pa.string()),  # where the cell ran: host, and the Ray node id on a cluster
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
     ],
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: EVAL_RESULTS.encode()},

@@ -243,14 +243,28 @@ def train(
     target: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="Run in several processes: torchrun | deepspeed.")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes per node with --launcher (GPUs per node).")] = 1,
+    hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile for several nodes.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """QLoRA-train the multimodal LLM (or the text-only baseline) with DeepSpeed, reading the store.
 
-    One process here; several with `torchrun --nproc_per_node N -m infra.cli train ...` or the
-    `deepspeed` launcher.
+    One process by default; `--launcher torchrun --nproc N` or `--launcher deepspeed --nproc N
+    [--hostfile F]` starts N processes per node (NCCL on GPUs, gloo on CPU).
     """
+    if launcher and "RANK" not in os.environ:  # this is the launching process: start the workers
+        import subprocess
+
+        from infra.runtime import launch_command
+
+        try:
+            command = launch_command(launcher, nproc, sys.argv[1:], str(hostfile) if hostfile else None)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        out.print(f"launching: {' '.join(command)}")
+        raise typer.Exit(subprocess.run(command).returncode)
     from featurestore.store import StoreError
     from infra.models import ModelNotFound
     from training import train as run_training

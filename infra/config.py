@@ -89,6 +89,9 @@ class PreprocessConfig(_Section):
     encoder_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor; 0 = CPU actors")
     encoder_actors: int = Field(1, ge=1, description="encoder actors in the pool")
     batch_size: int = Field(8, ge=1, description="clips per encoder call")
+    decode_concurrency: int | None = Field(
+        None, ge=1, description="most decode tasks at once (default: every CPU of the cluster, to keep the encoders fed)"
+    )
     write_batch: int = Field(64, ge=1, description="rows per store commit")
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 from rich.logging import RichHandler
 
@@ -54,3 +56,37 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # the job shows its own bar
+
+
+LAUNCHER_FLAGS = ("--launcher", "--nproc", "--hostfile")
+
+
+def launch_command(launcher: str, nproc: int, argv: list[str], hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+    """The command that runs `merg <argv>` in `nproc` processes per node under torchrun or DeepSpeed.
+
+    `argv` is this command's own arguments; the launcher flags are removed from it. torchrun runs one
+    node (start it on each node yourself for several); the DeepSpeed launcher reaches every host of
+    `hostfile` over ssh (pdsh).
+    """
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in LAUNCHER_FLAGS:
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in LAUNCHER_FLAGS:
+            continue
+        rest.append(arg)
+    if launcher == "torchrun":
+        if hostfile:
+            raise ValueError("--hostfile needs --launcher deepspeed; with torchrun start it on every node (--nnodes, --rdzv-endpoint)")
+        port = ["--master_port", str(master_port)] if master_port else []
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *port, "-m", "infra.cli", *rest]
+    if launcher == "deepspeed":
+        hosts = ["--hostfile", hostfile] if hostfile else []
+        port = ["--master_port", str(master_port)] if master_port else []
+        return [str(Path(sys.executable).with_name("deepspeed")), *hosts, "--num_gpus", str(nproc), *port,
+                "--no_local_rank", "--module", "infra.cli", *rest]  # fmt: skip
+    raise ValueError(f"unknown launcher {launcher!r} (torchrun or deepspeed)")

@@ -282,7 +282,8 @@ def _run_media(
         # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
         # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
         # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
-        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus, memory=DECODE_MEMORY)
+        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
+             memory=DECODE_MEMORY, concurrency=pc.decode_concurrency)  # fmt: skip
         .map_batches(
             ImageBindStage,
             fn_constructor_kwargs=dict(

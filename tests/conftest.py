@@ -125,3 +125,15 @@ def train_config(store: Path, runs: Path, model: Path, **train: object) -> MergC
                     log_every=1, max_length=128, warmup_steps=1, lora={"r": 4, "alpha": 8})  # fmt: skip
     settings.update(train)
     return MergConfig(paths=PathsConfig(store=store, runs=runs), train=TrainConfig(**settings))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip with the reason where no CUDA GPU is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); run infra/gpu_check.sh on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.projector import Projector, ProjectorConfig
+from training.prompt import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,17 @@ class MultimodalLM(nn.Module):
         return next(self.projector.parameters()).dtype
 
     def forward(self, input_ids, attention_mask, labels=None, media=None, media_mask=None, **kwargs):
+        """With `labels`: `.loss` is the mean NLL of the labelled tokens, and `.logits` exist only at the
+        positions that predict one (the reply is a small part of each sequence; full-vocabulary logits
+        of every prompt position would dominate memory). Without: the model's usual output."""
         embeds = self.embed(input_ids, media, media_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # position t predicts t + 1
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=predicts, **kwargs)
+        out.targets = labels[:, predicts + 1]  # aligned with out.logits
+        out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), out.targets.flatten(), ignore_index=IGNORE_INDEX)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, media=None, media_mask=None, **kwargs) -> torch.Tensor:

@@ -313,6 +313,8 @@ class Trainer:
         if metrics:
             metrics.close()
         finished = self.step >= self.total_steps or stopped_early
+        if finished and self.step and self.step % t.save_every:  # so that --resume of a finished run does nothing
+            self._save_checkpoint()
         if finished and self.best_val is None and self.is_main:  # no validation split: keep the last weights
             save_weights(self.engine.module, self.run_dir)
         if self.is_main:

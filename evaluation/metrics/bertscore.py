@@ -51,15 +51,13 @@ class BertScorer:
         self.name = "all-MiniLM-L6-v2" if model is None else Path(self.path).name
         self.num_layers = num_layers or (17 if "roberta-large" in self.name else config.num_hidden_layers)
         self.baseline = official_baseline(self.name, self.num_layers)
-        self.batch_size, self.device = batch_size, device
+        from bert_score import BERTScorer
+
+        # the model is loaded once here, not per call (bert_score.score reloads it every time)
+        self._scorer = BERTScorer(model_type=str(self.path), num_layers=self.num_layers, batch_size=batch_size, device=device)
 
     def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> BertScores:
-        from bert_score import score
-
-        p, r, f = score(
-            [c or "" for c in candidates], list(references), model_type=str(self.path), num_layers=self.num_layers,
-            batch_size=self.batch_size, device=self.device, verbose=False,
-        )  # fmt: skip
+        p, r, f = self._scorer.score([c or "" for c in candidates], list(references))
         p, r, f = (x.numpy().astype(np.float64) for x in (p, r, f))
         if self.baseline:
             p, r, f = (rescale(x, b) for x, b in zip((p, r, f), self.baseline))

@@ -26,11 +26,14 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
 @torch.no_grad()
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed NLL of the labelled next tokens and their count (logits[:, t] predicts labels[:, t+1])."""
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
+    return aligned_nll(logits[:, :-1], labels[:, 1:], ignore_index)
+
+
+@torch.no_grad()
+def aligned_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed NLL of `targets` under `logits` (already aligned, no shift) and the count scored."""
     nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-        ignore_index=ignore_index, reduction="none",
-    ).view(shifted_labels.shape)  # fmt: skip
-    mask = shifted_labels != ignore_index
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(targets.shape)
+    mask = targets != ignore_index
     return (nll * mask).sum(dim=1), mask.sum(dim=1)

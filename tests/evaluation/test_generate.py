@@ -47,3 +47,24 @@ def test_context_free_scoring(tiny):
     nll, tokens = score_without_context(model, tokenizer, ["Hello there", ""])
     assert tokens.tolist() == [len(tokenizer("Hello there", add_special_tokens=False)["input_ids"]), 0]
     assert nll[1] == 0 and np.isfinite(nll).all()
+
+
+@pytest.mark.parametrize("soft_tokens", [0, 2])
+def test_one_pass_generation_and_scoring_matches_the_separate_ones(tiny, soft_tokens):
+    from evaluation.generate import generate_and_score
+    from training.projector import Projector, ProjectorConfig
+
+    model, tokenizer = tiny
+    media = None
+    if soft_tokens:
+        torch.manual_seed(0)
+        model = MultimodalLM(model.llm, Projector(ProjectorConfig(8, model.llm.config.hidden_size, soft_tokens))).eval()
+        media = np.random.default_rng(0).normal(size=8).astype(np.float32)
+    pairs = [Pair(f"k{i}", HISTORY[: 1 + i % 2] * (1 + i), s, ref, media)
+             for i, (s, ref) in enumerate([("Ross", "Thank you so much."), ("Joey", "Cool."), ("Monica", "I knew it!")])]  # fmt: skip
+    kwargs = dict(system="Be kind.", soft_tokens=soft_tokens, batch_size=3)
+    replies, nll, tokens = generate_and_score(model, tokenizer, pairs, PRESETS["default"], max_length=256, **kwargs)
+    assert replies == generate_replies(model, tokenizer, pairs, PRESETS["default"], **kwargs)
+    ref_nll, ref_tokens = score_references(model, tokenizer, pairs, max_length=256, **kwargs)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert nll == pytest.approx(ref_nll, rel=1e-4)

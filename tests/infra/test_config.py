@@ -15,6 +15,7 @@ def test_defaults_and_shipped_config_agree():
     assert shipped.paths.store == MergConfig().paths.store
     assert shipped.targets == MergConfig().targets
     assert shipped.train == MergConfig().train
+    assert shipped.evaluate == MergConfig().evaluate
 
 
 def test_yaml_then_overrides(tmp_path):

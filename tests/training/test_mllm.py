@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from infra.config import LoraSettings
@@ -57,3 +58,18 @@ def test_loss_decreases_and_gradients_reach_projector_and_lora(tiny_llm):
         optimizer.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] * 0.5
+
+
+def test_loss_on_kept_logits_equals_the_full_causal_lm_loss(tiny_llm):
+    model, _ = _model(tiny_llm, soft_tokens=1)
+    ids = torch.randint(0, 100, (3, 10))
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 8:] = ids[1, 8:]
+    labels[2, 4:7] = ids[2, 4:7]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = model(ids, mask, labels=labels)
+        full = model.llm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ours.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    assert ours.logits.shape[1] == 6  # positions 3..8 predict a labelled token in some row

@@ -77,18 +77,20 @@ def test_clear_errors(dialogue_store, tiny_llm, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_zero2_on_cpu(dialogue_store, tiny_llm, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_processes_zero2_on_cpu(dialogue_store, tiny_llm, tmp_path, launcher):
+    """`merg train --launcher L --nproc 2`: two gloo processes under ZeRO-2, one checkpoint, rank 0 reports."""
     config = train_config(dialogue_store, tmp_path, tiny_llm, name="ddp", max_steps=2, deepspeed_stage=2)
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         "-m", "infra.cli", "train", "--config", str(path)],
+        [sys.executable, "-m", "infra.cli", "train", "--config", str(path), "--launcher", launcher, "--nproc", "2"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert result.returncode == 0, output[-3000:]
+    assert "2 process(es)" in output and output.count("training done") == 1
     assert len(_losses(tmp_path / "ddp")) == 2 and (tmp_path / "ddp" / "checkpoints" / "step-2").is_dir()
 
 
