@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume
 	$(MERG) train -c configs/train/smollm2-demo.yaml --store $(DEMO_DIR)/store --set paths.runs=$(DEMO_DIR)/runs --resume \
 		--modality text --name smollm2-text
+	$(MERG) evaluate train-emotion-classifier || echo "no MELD text: emotion scores use the NRC lexicon"
 	$(MERG) sweep -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store
 	$(MERG) report -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store --out $(DEMO_DIR)/report
 

@@ -48,10 +48,22 @@ class Cell:
         settings = config.model_dump(mode="json", include={"target", "limit", "system_prompt", "max_length",
                                                           "emotion_backend", "bertscore_model", "bertscore_layers",
                                                           "bootstrap_samples", "seed"})  # fmt: skip
-        run = self.system.run
-        run_state = (Path(run) / "run.json").read_text() if run and (Path(run) / "run.json").is_file() else None
-        blob = json.dumps([self.system.model_dump(mode="json"), self.preset, self.split, settings, run_state], sort_keys=True)
+        run = run_fingerprint(self.system.run) if self.system.run else None
+        blob = json.dumps([self.system.model_dump(mode="json"), self.preset, self.split, settings, run], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_fingerprint(run: Path) -> str | None:
+    """A trained run's identity: its base model, prompt settings and the bytes of its weights (so a
+    retrained run is evaluated again, and a resumed, unchanged one is not)."""
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        return None
+    info = json.loads((run / "run.json").read_text())
+    digest = hashlib.sha256(json.dumps([info.get(k) for k in ("model", "modality", "soft_tokens", "system_prompt", "max_length")]).encode())
+    for path in sorted(p for p in run.rglob("*.safetensors") if "checkpoints" not in p.parts):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class Scorers:

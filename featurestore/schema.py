@@ -30,6 +30,11 @@ SPLITS: tuple[str, ...] = ("train", "dev", "test")
 KEY_PATTERN = r"^(train|dev|test)/dia[0-9]+_utt[0-9]+$"
 EMBEDDING_COLUMNS = ("audio_emb", "vision_emb", "fused_emb")
 
+# Lance's merge_insert refuses to let two concurrent writers both insert the same new key only when
+# the key is declared an (unenforced) primary key: without it, racing upserts duplicate rows.
+PRIMARY_KEY = "lance-schema:unenforced-primary-key"
+_PK = {PRIMARY_KEY.encode(): b"true"}
+
 UTTERANCES = "utterances"
 FAILURES = "failures"
 TARGETS = "targets"
@@ -51,7 +56,7 @@ def utterances_schema(embedding_dim: int, fused_dim: int | None = None) -> pa.Sc
     """One row per MELD utterance. `fused_dim` differs from `embedding_dim` for `concat` fusion."""
     fused_dim = fused_dim or embedding_dim
     fields = [
-        pa.field("key", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False, metadata=_PK),
         # MELD metadata and text
         pa.field("split", pa.string()),
         pa.field("dialogue_id", pa.int32()),
@@ -103,8 +108,8 @@ def utterances_schema(embedding_dim: int, fused_dim: int | None = None) -> pa.Sc
 
 FAILURES_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),  # "read" | "decode" | "asd" | "encode" | "store" | ...
+        pa.field("key", pa.string(), nullable=False, metadata=_PK),
+        pa.field("stage", pa.string(), nullable=False, metadata=_PK),  # "read" | "decode" | "asd" | "encode" | "store" | ...
         pa.field("reason", pa.string()),  # machine-readable, e.g. "truncated", "embedding_width"
         pa.field("detail", pa.string()),
         pa.field("attempts", pa.int32()),
@@ -118,7 +123,7 @@ FAILURES_SCHEMA = pa.schema(
 # and the reply to learn. `key` is the utterance whose audio/video goes with the prompt.
 TARGETS_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),  # "<kind>:<key>"
+        pa.field("id", pa.string(), nullable=False, metadata=_PK),  # "<kind>:<key>"
         pa.field("kind", pa.string(), nullable=False),  # one of TARGET_KINDS
         pa.field("key", pa.string(), nullable=False),
         pa.field("split", pa.string()),
@@ -139,7 +144,7 @@ TARGETS_SCHEMA = pa.schema(
 # One row per (evaluation cell, example): the reply and its per-example scores.
 EVAL_OUTPUTS_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),  # "<cell>:<key>"
+        pa.field("id", pa.string(), nullable=False, metadata=_PK),  # "<cell>:<key>"
         pa.field("cell", pa.string(), nullable=False),
         pa.field("key", pa.string(), nullable=False),
         pa.field("history", pa.list_(pa.string())),
@@ -164,7 +169,7 @@ EVAL_OUTPUTS_SCHEMA = pa.schema(
 # One row per evaluation cell (system x decoding preset x split): status, aggregates, provenance.
 EVAL_RESULTS_SCHEMA = pa.schema(
     [
-        pa.field("cell", pa.string(), nullable=False),  # hash of everything that determines the numbers
+        pa.field("cell", pa.string(), nullable=False, metadata=_PK),  # hash of everything that determines the numbers
         pa.field("sweep", pa.string()),
         pa.field("system", pa.string()),
         pa.field("model", pa.string()),

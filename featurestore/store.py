@@ -32,6 +32,7 @@ from featurestore.schema import (
     META_EMBEDDING_DIM,
     META_FUSED_DIM,
     META_VERSION,
+    PRIMARY_KEY,
     RECORD_TABLES,
     SCHEMA_VERSION,
     TARGETS,
@@ -170,7 +171,21 @@ class Store:
         store = cls(root, stored_dim, stored_fused, version)
         if version is not None:
             store._utterances()  # fail now on an unknown version or tag
+        else:
+            store._declare_primary_keys()
         return store
+
+    def _declare_primary_keys(self) -> None:
+        """Stores made before the merge keys were declared primary keys get the declaration now:
+        without it, two processes upserting the same new key at once would both insert it."""
+        for name, (_, fields) in {UTTERANCES: (None, ("key",)), **RECORD_TABLES}.items():
+            uri = self.root / f"{name}.lance"
+            if not uri.exists():
+                continue
+            dataset = lance.dataset(str(uri))
+            missing = [f for f in fields if PRIMARY_KEY.encode() not in (dataset.schema.field(f).metadata or {})]
+            if missing:
+                dataset.update_field_metadata({f: {PRIMARY_KEY: "true"} for f in missing})
 
     @staticmethod
     def _create(root: Path, embedding_dim: int, fused_dim: int) -> None:

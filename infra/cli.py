@@ -351,14 +351,22 @@ def evaluate_command(
 
 
 @evaluate_app.command("train-emotion-classifier")
-def evaluate_train_emotion_classifier(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def evaluate_train_emotion_classifier(
+    force: Annotated[bool, typer.Option("--force", help="Train again even if one is there.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
     """Train merg's MELD emotion classifier (MiniLM + logistic regression) on MELD's real text."""
     from evaluation.metrics.emotion import MELD_CLASSIFIER_DIR, train_meld_emotion_classifier
 
     cfg = _config(config, overrides)
+    target = cfg.paths.model_cache / MELD_CLASSIFIER_DIR
+    if (target / "meta.json").is_file() and not force:
+        result = json.loads((target / "meta.json").read_text())
+        out.print(f"already trained in {target} (test weighted-F1 {result['test']['weighted_f1']:.3f}); --force trains again")
+        return
     if cfg.paths.meld_text is None:
         raise typer.BadParameter("needs MELD's annotation CSVs: set paths.meld_text or $MERG_MELD_TEXT")
-    target = cfg.paths.model_cache / MELD_CLASSIFIER_DIR
     result = train_meld_emotion_classifier(cfg.paths.meld_text, target)
     out.print(f"MELD emotion classifier -> {target}: C={result['C']}, dev weighted-F1 {result['dev']['weighted_f1']:.3f}, "
               f"test weighted-F1 {result['test']['weighted_f1']:.3f}, accuracy {result['test']['accuracy']:.3f}")  # fmt: skip

@@ -242,3 +242,32 @@ def test_reader_during_writes_sees_whole_versions(store):
     seen = queue.get(timeout=300)
     reader.join(timeout=60)
     assert all(n == unique and n % 25 == 0 for n, unique in seen), Counter(seen)
+
+
+def test_racing_upserts_of_the_same_new_keys_never_duplicate(tmp_path):
+    """Threads upserting the same new keys at once: Lance detects it only for declared primary keys."""
+    import threading
+
+    store = Store.open(tmp_path / "s", create=True, embedding_dim=16)
+    rows = synthetic_utterances(60, 16, seed=1)
+    threads = [threading.Thread(target=store.write_utterances, args=(rows,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.query(columns=["key"]).num_rows == 60
+
+
+def test_an_older_store_gets_its_primary_key_declared(tmp_path):
+    import lance
+
+    from featurestore.schema import FAILURES_SCHEMA, PRIMARY_KEY
+
+    root = tmp_path / "s"
+    root.mkdir()
+    for name, schema in (("utterances", utterances_schema(16)), ("failures", FAILURES_SCHEMA)):
+        old = pa.schema([f.remove_metadata() for f in schema], metadata=schema.metadata)  # as stores made before
+        lance.write_dataset(old.empty_table(), str(root / f"{name}.lance"), schema=old)
+    Store.open(root)
+    assert lance.dataset(str(root / "utterances.lance")).schema.field("key").metadata[PRIMARY_KEY.encode()] == b"true"
+    assert lance.dataset(str(root / "failures.lance")).schema.field("stage").metadata[PRIMARY_KEY.encode()] == b"true"
