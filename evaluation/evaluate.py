@@ -94,23 +94,17 @@ def load_system(spec: SystemSpec, model_cache: Path, device: torch.device):
     return model, tokenizer, model_path, modality, soft_tokens, system_prompt, notes
 
 
-def load_pairs(store: Store, config: EvaluateConfig, split: str, modality: str) -> tuple[list[Pair], list[str], list[str]]:
-    """The pairs (sorted by key, first `limit`), with each pair's next-utterance emotion label and the
-    last history line's text (the reference system compared replies with the history)."""
+def load_pairs(store: Store, config: EvaluateConfig, split: str, modality: str) -> tuple[list[Pair], list[str], list[list[str]]]:
+    """The pairs (sorted by key, first `limit`) with the utterance embeddings the modality needs (a zero
+    vector where a clip had none: every system gets the same pairs), each pair's next-utterance
+    emotion label, and its dialogue history (the reference system compared replies with the history)."""
     targets = store.targets(config.target, split=split, columns=["key", "history", "next_speaker", "target", "next_emotion"])
     if targets.num_rows == 0:
         raise ValueError(f"no {config.target!r} targets for {split} in {store.root}: run `merg targets build --kind {config.target}`")
-    if config.limit:
-        targets = targets.slice(0, config.limit)
-    rows = targets.to_pylist()
-    media: dict[str, np.ndarray] = {}
+    rows = (targets.slice(0, config.limit) if config.limit else targets).to_pylist()
     column = COLUMNS[modality]
-    if column:
-        table = store.query(split=split, columns=["key", column])
-        table = table.filter(table.column(column).is_valid())
-        width = store.fused_dim if column == "fused_emb" else store.embedding_dim
-        media = dict(zip(table.column("key").to_pylist(), table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, width)))
-        zero = np.zeros(width, dtype=np.float32)
+    media = store.vectors(column, split=split) if column else {}
+    zero = np.zeros(store.fused_dim if column == "fused_emb" else store.embedding_dim, dtype=np.float32)
     pairs = [Pair(r["key"], r["history"], r["next_speaker"], r["target"], media.get(r["key"], zero) if column else None) for r in rows]
     return pairs, [r["next_emotion"] for r in rows], [r["history"] for r in rows]
 

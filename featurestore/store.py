@@ -371,6 +371,14 @@ class Store:
             raise ValueError(f"{key} has no {column} (its clip was missing or failed)")
         return np.asarray(vector, dtype=np.float32)
 
+    def vectors(self, column: str = "fused_emb", **query: Any) -> dict[str, np.ndarray]:
+        """Key -> vector for the rows of `query(**query)` that have `column` (e.g. a split's embeddings)."""
+        table = self.query(columns=["key", column], **query)
+        table = table.filter(table.column(column).is_valid())
+        width = table.schema.field(column).type.list_size
+        flat = table.column(column).combine_chunks().flatten().to_numpy() if table.num_rows else np.zeros(0, np.float32)
+        return dict(zip(table.column("key").to_pylist(), flat.reshape(-1, width)))
+
     def similar(
         self,
         query: str | Sequence[float] | np.ndarray,

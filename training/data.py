@@ -63,23 +63,18 @@ def load_examples(store: Store, config: TrainConfig, split: str, tokenizer, limi
 
 def _media_by_key(store: Store, config: TrainConfig, split: str, targets: pa.Table) -> dict[str, np.ndarray]:
     column = config.embedding_column
-    table = store.query(split=split, columns=["key", column])
-    present = table.filter(table.column(column).is_valid())
-    if present.num_rows == 0:
+    by_key = store.vectors(column, split=split)
+    if not by_key:
         raise DataError(
             f"modality {config.modality!r} needs {column}, but no {split} utterance in the store at {store.root} "
             f"has one (was it built with --no-media?). Train the text-only baseline with "
             f"`--set train.modality=text`, or preprocess the clips first."
         )
-    width = present.schema.field(column).type.list_size
-    vectors = present.column(column).combine_chunks().flatten().to_numpy().reshape(-1, width)
-    by_key = dict(zip(present.column("key").to_pylist(), vectors))
     keys = targets.column("key").to_pylist()
-    missing = sum(k not in by_key for k in keys)
-    if missing:
+    if missing := sum(k not in by_key for k in keys):
         # the same pairs for every system: an utterance without a clip keeps its example with a zero vector
         log.warning("%d of %d %s examples have no %s; they get a zero vector", missing, len(keys), split, column)
-    zero = np.zeros(width, dtype=np.float32)
+    zero = np.zeros_like(next(iter(by_key.values())))
     return {k: by_key.get(k, zero) for k in keys}
 
 

@@ -29,6 +29,7 @@ from featurestore.store import Store
 from infra.config import TargetsConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
+from training.mllm import load_llm, resolve_dtype
 from training.prompt import render_prompt
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,12 @@ class Teacher:
     """A local causal LM that writes empathetic replies in batches (left padding, EOS stops)."""
 
     def __init__(self, config: TargetsConfig, model_cache: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.config = config
-        path = resolve_llm(config.teacher_model, model_cache)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        path = resolve_llm(config.teacher_model, model_cache)
+        self.model, self.tokenizer = load_llm(path, quantization="none", dtype=resolve_dtype("auto", self.device), device=self.device)
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
 
     @property
     def source(self) -> str:

@@ -269,47 +269,41 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         run_tokens, run_start = 0, time.perf_counter()
         micro = 0
+        batches, batches_epoch = [], None
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
             advance(self.step)
-            while self.step < self.total_steps and not stopped_early:
-                batches = self._batches(self.epoch)
-                while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
-                    batch = collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id)
-                    batch = self._to_device(batch)
-                    tokens = int(batch["attention_mask"].sum())
-                    loss = self.engine(**batch).loss
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    self.batch_in_epoch += 1
-                    micro += 1
-                    window_tokens += tokens * self.world_size
-                    run_tokens += tokens * self.world_size
-                    self.tokens_seen += tokens * self.world_size
-                    if micro % t.grad_accum:
-                        continue
-                    self.step += 1
-                    last_loss = loss.item()
-                    speed = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                    advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
-                    record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
-                    if self.step % t.log_every == 0:
-                        record["tokens_per_s"] = speed
-                        window_tokens, window_start = 0, time.perf_counter()
-                    if self.step % t.eval_every == 0 or self.step == self.total_steps:
-                        record.update(self._evaluate_and_keep_best())
-                        stopped_early = t.patience is not None and self.bad_evals >= t.patience
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    if self.step % t.save_every == 0:
-                        self._save_checkpoint()
-                    if stopped_early or (until_step is not None and self.step >= until_step):
-                        break
-                else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
+            while self.step < self.total_steps and not stopped_early and (until_step is None or self.step < until_step):
+                if batches_epoch != self.epoch:
+                    batches, batches_epoch = self._batches(self.epoch), self.epoch
+                if self.batch_in_epoch >= len(batches):
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
-                break
+                batch = self._to_device(collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id))
+                tokens = int(batch["attention_mask"].sum()) * self.world_size
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()  # DeepSpeed steps the optimizer every grad_accum micro-batches
+                self.batch_in_epoch += 1
+                micro += 1
+                window_tokens, run_tokens, self.tokens_seen = window_tokens + tokens, run_tokens + tokens, self.tokens_seen + tokens
+                if micro % t.grad_accum:
+                    continue
+                self.step += 1
+                last_loss = loss.item()
+                speed = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
+                record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
+                if self.step % t.log_every == 0:
+                    record["tokens_per_s"] = speed
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self.step % t.eval_every == 0 or self.step == self.total_steps:
+                    record.update(self._evaluate_and_keep_best())
+                    stopped_early = t.patience is not None and self.bad_evals >= t.patience
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if self.step % t.save_every == 0:
+                    self._save_checkpoint()
         if metrics:
             metrics.close()
         finished = self.step >= self.total_steps or stopped_early

@@ -271,3 +271,14 @@ def test_an_older_store_gets_its_primary_key_declared(tmp_path):
     Store.open(root)
     assert lance.dataset(str(root / "utterances.lance")).schema.field("key").metadata[PRIMARY_KEY.encode()] == b"true"
     assert lance.dataset(str(root / "failures.lance")).schema.field("stage").metadata[PRIMARY_KEY.encode()] == b"true"
+
+
+def test_vectors_by_key_skip_rows_without_the_embedding(store):
+    rows = synthetic_utterances(20, 16, seed=2)
+    store.write_utterances(rows.drop_columns(["fused_emb"]).slice(0, 5))  # five text-only rows
+    store.write_utterances(rows.slice(5))
+    vectors = store.vectors("fused_emb", split="train")
+    train = {k for k, s in zip(rows.column("key").to_pylist(), rows.column("split").to_pylist()) if s == "train"}
+    assert set(vectors) == train - set(rows.column("key").to_pylist()[:5])
+    key = next(iter(vectors))
+    assert np.allclose(vectors[key], store.vector_of(key)) and vectors[key].shape == (16,)
