@@ -185,7 +185,10 @@ class Store:
             dataset = lance.dataset(str(uri))
             missing = [f for f in fields if PRIMARY_KEY.encode() not in (dataset.schema.field(f).metadata or {})]
             if missing:
-                dataset.update_field_metadata({f: {PRIMARY_KEY: "true"} for f in missing})
+                try:
+                    dataset.update_field_metadata({f: {PRIMARY_KEY: "true"} for f in missing})
+                except (OSError, ValueError) as exc:  # e.g. another process declared it at the same moment
+                    log.warning("could not declare %s primary key on %s: %s", missing, name, exc)
 
     @staticmethod
     def _create(root: Path, embedding_dim: int, fused_dim: int) -> None:

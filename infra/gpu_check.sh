@@ -44,10 +44,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, sample GPU memo
   echo "$name rc=$rc $(( $(date +%s) - started ))s" | tee -a "$OUT/steps.txt"
 }
 
-step gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -x
+step gpu-tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider -x
 step preprocess 150 "$PY" benchmarks/preprocess.py --pool-only --dialogues 25 --sizes small,huge --batch-size 32 --json "$OUT/preprocess.json"
-step train 120 "$PY" benchmarks/train.py --steps 10 --batch-size 8 --json "$OUT/train.json"
-step evaluate 90 "$PY" benchmarks/evaluate.py --pairs 64 --batch-size 32 --json "$OUT/evaluate.json"
+step train 100 "$PY" benchmarks/train.py --steps 10 --batch-size 8 --json "$OUT/train.json"
+step evaluate 80 "$PY" benchmarks/evaluate.py --pairs 64 --batch-size 32 --json "$OUT/evaluate.json"
 
 "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/summary.md"
 import json, sys
