@@ -44,6 +44,11 @@ def first_sentence(text: str) -> str:
     return match.group(1) if match else text
 
 
+def _reply_text(decoded: str, preset: Preset) -> str:
+    text = " ".join(decoded.split())
+    return first_sentence(text) if preset.first_sentence else text
+
+
 @dataclass
 class Pair:
     """One evaluation pair: the prompt's parts, the gold reply, and the utterance's embedding (or None)."""
@@ -87,8 +92,7 @@ def generate_replies(
             pad_token_id=tokenizer.pad_token_id, **sampling,
         )  # fmt: skip
         for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
-            text = " ".join(text.split())
-            replies[i] = first_sentence(text) if preset.first_sentence else text
+            replies[i] = _reply_text(text, preset)
     return replies
 
 
@@ -195,6 +199,5 @@ def generate_and_score(
             cache, next_logits = out.past_key_values, out.logits[:, -1].float()
         new = torch.stack(tokens, dim=1)
         for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
-            text = " ".join(text.split())
-            replies[i] = first_sentence(text) if preset.first_sentence else text
+            replies[i] = _reply_text(text, preset)
     return replies, nll, counts
