@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -83,6 +84,18 @@ def teacher_message(example: dict) -> str:
     return "\n".join([*example["history"], "", question])
 
 
+def teacher_source(c: TargetsConfig) -> str:
+    """The teacher and its decoding settings, as recorded with each target (and compared on re-runs)."""
+    settings = dict(
+        teacher=c.teacher_model,
+        system_prompt_sha256=hashlib.sha256(c.teacher_system_prompt.encode()).hexdigest()[:12],
+        max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, repetition_penalty=c.repetition_penalty,
+    )  # fmt: skip
+    if c.do_sample:
+        settings.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+    return json.dumps(settings, sort_keys=True)
+
+
 class Teacher:
     """A local causal LM that writes empathetic replies in batches (left padding, EOS stops)."""
 
@@ -93,18 +106,6 @@ class Teacher:
         self.model, self.tokenizer = load_llm(path, quantization="none", dtype=resolve_dtype("auto", self.device), device=self.device)
         self.model.eval()
         self.tokenizer.padding_side = "left"
-
-    @property
-    def source(self) -> str:
-        c = self.config
-        settings = dict(
-            teacher=c.teacher_model,
-            system_prompt_sha256=hashlib.sha256(c.teacher_system_prompt.encode()).hexdigest()[:12],
-            max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, repetition_penalty=c.repetition_penalty,
-        )  # fmt: skip
-        if c.do_sample:
-            settings.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
-        return json.dumps(settings, sort_keys=True)
 
     @torch.no_grad()
     def __call__(self, examples: list[dict]) -> list[str]:
@@ -132,16 +133,19 @@ def build_targets(store: Store, config: TargetsConfig, model_cache: Path) -> Tar
     if config.kind == "next_utterance":
         rows = [dict(e, id=target_id("next_utterance", e["key"]), kind="next_utterance", source="meld") for e in examples]
         store.write_records(TARGETS, rows)
-        return TargetsReport("next_utterance", "meld", written=_count_splits(rows))
+        return TargetsReport("next_utterance", "meld", written=dict(_count_splits(rows)))
 
-    teacher = Teacher(config, model_cache)
-    report = TargetsReport("teacher", teacher.source)
+    source = teacher_source(config)
+    report = TargetsReport("teacher", source)
     if not config.force:
         done = store.targets("teacher", columns=["id", "source"])
-        finished = {i for i, s in zip(done.column("id").to_pylist(), done.column("source").to_pylist()) if s == teacher.source}
+        finished = {i for i, s in zip(done.column("id").to_pylist(), done.column("source").to_pylist()) if s == source}
         todo = [e for e in examples if target_id("teacher", e["key"]) not in finished]
         report.skipped = len(examples) - len(todo)
         examples = todo
+    if not examples:
+        return report
+    teacher = Teacher(config, model_cache)  # loaded only when there is work for it
     log.info("teacher %s: %d examples to write, %d already stored", config.teacher_model, len(examples), report.skipped)
     size = config.teacher_batch_size
     with progress_bar("teacher targets", len(examples)) as advance:
@@ -149,23 +153,19 @@ def build_targets(store: Store, config: TargetsConfig, model_cache: Path) -> Tar
             batch = examples[start : start + size]
             replies = teacher(batch)
             rows = [
-                dict(e, id=target_id("teacher", e["key"]), kind="teacher", target=reply, source=teacher.source)
+                dict(e, id=target_id("teacher", e["key"]), kind="teacher", target=reply, source=source)
                 for e, reply in zip(batch, replies)
                 if reply
             ]
             empty = [e["key"] for e, reply in zip(batch, replies) if not reply]
             store.write_records(TARGETS, rows)  # each batch is committed: an interrupted run resumes here
             if empty:
-                store.record_failures([(k, "targets", "empty_generation", teacher.source) for k in empty])
-            for split, n in _count_splits(rows).items():
-                report.written[split] = report.written.get(split, 0) + n
+                store.record_failures([(k, "targets", "empty_generation", source) for k in empty])
+            report.written = dict(Counter(report.written) + _count_splits(rows))
             report.failed += len(empty)
             advance(len(batch))
     return report
 
 
-def _count_splits(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["split"]] = counts.get(row["split"], 0) + 1
-    return counts
+def _count_splits(rows: list[dict]) -> Counter:
+    return Counter(row["split"] for row in rows)
