@@ -123,7 +123,9 @@ def _utterance_text(line: str) -> str:
     return line.split(":", 1)[1].strip() if ":" in line else line
 
 
-def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None) -> tuple[list[dict], dict]:
+def evaluate_cell(
+    cell: Cell, config: MergConfig, scorers: Scorers | None = None, cell_id: str | None = None
+) -> tuple[list[dict], dict]:
     """Per-example output rows and the cell's result row (for the `eval_outputs` / `eval_results` tables)."""
     ec = config.evaluate
     started = time.perf_counter()
@@ -137,7 +139,7 @@ def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None
         encoders = set(store.query(split=cell.split, columns=["encoder_checkpoint"]).column(0).drop_null().to_pylist())
         if any(e.startswith("random-init") for e in encoders):
             notes.append("embeddings: ImageBind at random init (no imagebind_huge.pth given)")
-    cell_id = cell.id(ec)
+    cell_id = cell_id or cell.id(ec)
     log.info("cell %s: %s / %s / %s, %d pairs", cell_id, cell.system.name, cell.preset, cell.split, len(pairs))
 
     replies, nll, tokens = generate_and_score(

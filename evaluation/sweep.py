@@ -34,6 +34,7 @@ class SweepReport:
     skipped: int = 0
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> error
+    cell_ids: list[str] = field(default_factory=list)  # every cell of the grid, done now or before
     seconds: float = 0.0
 
 
@@ -44,20 +45,41 @@ def grid(config: MergConfig) -> list[Cell]:
     return [Cell(ec.sweep, system, preset, split) for system in ec.systems for preset in ec.presets for split in ec.splits]
 
 
-def _run_cell(cell: Cell, config: MergConfig, threads: int) -> tuple[list[dict], dict]:
+def _run_cell(cell: Cell, cell_id: str, config: MergConfig, threads: int) -> tuple[list[dict], dict]:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return evaluate_cell(cell, config)
+    return evaluate_cell(cell, config, cell_id=cell_id)
 
 
-def _failure(cell: Cell, config: MergConfig, error: str) -> dict:
-    return dict(
-        cell=cell.id(config.evaluate), sweep=cell.sweep, system=cell.system.name, model=cell.system.model,
-        modality=cell.system.modality, run=str(cell.system.run) if cell.system.run else None, preset=cell.preset,
-        split=cell.split, target=config.evaluate.target, status="failed", error=error[-4000:], examples=0,
-        config_hash=config.fingerprint(),
-    )  # fmt: skip
+def _plan(config: MergConfig, store: Store) -> tuple[list[tuple[str, Cell]], SweepReport]:
+    """The cells still to run, each with its id (computed once: a run's id hashes its weights)."""
+    ec = config.evaluate
+    cells = [(cell.id(ec), cell) for cell in grid(config)]
+    done: set[str] = set()
+    if not ec.force:
+        done = set(store.read_records(EVAL_RESULTS, build_filter(status="done"), ["cell"]).column("cell").to_pylist())
+    todo = [(cell_id, cell) for cell_id, cell in cells if cell_id not in done]
+    return todo, SweepReport(ec.sweep, len(cells), skipped=len(cells) - len(todo), cell_ids=[i for i, _ in cells])
+
+
+def _record(store: Store, report: SweepReport, config: MergConfig, cell_id: str, cell: Cell,
+            outcome: tuple[list[dict], dict] | str) -> None:  # fmt: skip
+    """Store a finished cell's outputs and result, or a failed cell's error (`outcome` is then a str)."""
+    if isinstance(outcome, str):
+        failure = dict(
+            cell=cell_id, sweep=cell.sweep, system=cell.system.name, model=cell.system.model,
+            modality=cell.system.modality, run=str(cell.system.run) if cell.system.run else None, preset=cell.preset,
+            split=cell.split, target=config.evaluate.target, status="failed", error=outcome[-4000:], examples=0,
+            config_hash=config.fingerprint(),
+        )  # fmt: skip
+        store.write_records(EVAL_RESULTS, [failure])
+        report.failed[cell_id] = outcome
+        return
+    rows, result = outcome
+    store.write_records(EVAL_OUTPUTS, rows)
+    store.write_records(EVAL_RESULTS, [result])
+    report.done.append(cell_id)
 
 
 def sweep(config: MergConfig) -> SweepReport:
@@ -68,35 +90,23 @@ def sweep(config: MergConfig) -> SweepReport:
     ec = config.evaluate
     started = time.perf_counter()
     store = Store.open(config.paths.store)
-    cells = grid(config)
-    report = SweepReport(ec.sweep, len(cells))
-    done = set()
-    if not ec.force:
-        finished = store.read_records(EVAL_RESULTS, build_filter(status="done"), columns=["cell"])
-        done = set(finished.column("cell").to_pylist())
-    todo = [c for c in cells if c.id(ec) not in done]
-    report.skipped = len(cells) - len(todo)
-    log.info("sweep %s: %d cells, %d already done", ec.sweep, len(cells), report.skipped)
+    todo, report = _plan(config, store)
+    log.info("sweep %s: %d cells, %d already done", ec.sweep, report.cells, report.skipped)
     if todo:
         init_ray(ec.ray_address, ec.num_cpus)
         remote = ray.remote(num_cpus=ec.cpus_per_cell, num_gpus=ec.gpus_per_cell, max_retries=0)(_run_cell)
-        pending = {remote.remote(cell, config, int(ec.cpus_per_cell)): cell for cell in todo}
+        pending = {remote.remote(cell, cell_id, config, int(ec.cpus_per_cell)): (cell_id, cell) for cell_id, cell in todo}
         with progress_bar(f"sweep {ec.sweep}", len(todo)) as advance:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(ready[0])
+                cell_id, cell = pending.pop(ready[0])
                 try:
-                    rows, result = ray.get(ready[0])
+                    outcome = ray.get(ready[0])
                 except Exception as exc:  # a failing cell is recorded; the sweep goes on
                     cause = getattr(exc, "cause", None) or exc
-                    error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-                    log.error("cell %s (%s / %s / %s) failed: %s", cell.id(ec), cell.system.name, cell.preset, cell.split, error)
-                    store.write_records(EVAL_RESULTS, [_failure(cell, config, error)])
-                    report.failed[cell.id(ec)] = error
-                else:
-                    store.write_records(EVAL_OUTPUTS, rows)
-                    store.write_records(EVAL_RESULTS, [result])
-                    report.done.append(result["cell"])
+                    outcome = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+                    log.error("cell %s (%s / %s / %s) failed: %s", cell_id, cell.system.name, cell.preset, cell.split, outcome)
+                _record(store, report, config, cell_id, cell, outcome)
                 advance(1, info=f"{cell.system.name} / {cell.preset} / {cell.split}")
     report.seconds = time.perf_counter() - started
     return report
@@ -104,23 +114,15 @@ def sweep(config: MergConfig) -> SweepReport:
 
 def evaluate(config: MergConfig) -> SweepReport:
     """Evaluate the systems of `config.evaluate` in this process, without Ray (`merg evaluate`)."""
-    ec = config.evaluate
-    store = Store.open(config.paths.store)
-    report = SweepReport(ec.sweep, 0)
     started = time.perf_counter()
-    for cell in grid(config):
-        report.cells += 1
-        if not ec.force and store.read_records(EVAL_RESULTS, build_filter(cell=cell.id(ec), status="done"), ["cell"]).num_rows:
-            report.skipped += 1
-            continue
+    store = Store.open(config.paths.store)
+    todo, report = _plan(config, store)
+    for cell_id, cell in todo:
         try:
-            rows, result = _run_cell(cell, config, os.cpu_count() or 1)
+            outcome = _run_cell(cell, cell_id, config, os.cpu_count() or 1)
         except Exception as exc:
-            store.write_records(EVAL_RESULTS, [_failure(cell, config, repr(exc))])
-            report.failed[cell.id(ec)] = repr(exc)
+            _record(store, report, config, cell_id, cell, repr(exc))
             raise
-        store.write_records(EVAL_OUTPUTS, rows)
-        store.write_records(EVAL_RESULTS, [result])
-        report.done.append(result["cell"])
+        _record(store, report, config, cell_id, cell, outcome)
     report.seconds = time.perf_counter() - started
     return report

@@ -345,9 +345,7 @@ def evaluate_command(
         raise typer.BadParameter("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
     report = evaluate(cfg)
     out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
-    from evaluation.sweep import grid
-
-    _print_results(cfg.paths.store, [c.id(cfg.evaluate) for c in grid(cfg)])
+    _print_results(cfg.paths.store, report.cell_ids)
 
 
 @evaluate_app.command("train-emotion-classifier")
@@ -382,7 +380,6 @@ def sweep_command(
 ) -> None:
     """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable."""
     from evaluation import sweep
-    from evaluation.sweep import grid
 
     cfg = _config(config, overrides, paths__store=store, evaluate__force=force, evaluate__ray_address=ray_address)
     report = sweep(cfg)
@@ -390,7 +387,7 @@ def sweep_command(
               f"{len(report.failed)} failed ({report.seconds:.0f} s)")  # fmt: skip
     for cell, error in report.failed.items():
         out.print(f"[red]failed[/red] {cell}: {error}")
-    _print_results(cfg.paths.store, [c.id(cfg.evaluate) for c in grid(cfg)])
+    _print_results(cfg.paths.store, report.cell_ids)
 
 
 @app.command("report")
