@@ -11,6 +11,9 @@ On a generated mini-MELD (>= 200 clips) it prints clips/s for the same work done
 with the ratios (c)/(b) (goal >= 2x) and (c)/(a) (goal >= 60%); then the same (a) and (c) with the
 active-speaker stage on (`sync`), to show what it costs. With a GPU, (c) runs its encoder actors on
 the GPU and the table says so.
+
+`--encoder-only` times the job's encoder stage alone (the callable its Ray actors hold) on batches of
+decoded-shape inputs, per ImageBind size: what one GPU (or CPU) can encode, with no clips, no Ray.
 """
 
 from __future__ import annotations
@@ -96,11 +99,17 @@ def main() -> None:
     parser.add_argument("--meld-root", type=Path, help="use this MELD-layout folder instead of generating one")
     parser.add_argument("--pool-only", action="store_true",
                         help="only merg's job, once per ImageBind size in --sizes (the GPU check's encoder-pool figure)")  # fmt: skip
-    parser.add_argument("--sizes", default="small", help="ImageBind sizes for --pool-only: small,huge (random init)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="only the encoder stage on decoded-shape batches, per size in --sizes (no clips, no Ray)")  # fmt: skip
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per size for --encoder-only")
+    parser.add_argument("--sizes", default="small", help="ImageBind sizes for --pool-only / --encoder-only: small,huge (random init)")
     parser.add_argument("--encoder-actors", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.encoder_only:
+        encoder_only(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="merg-bench-pre-"))
     try:
         root = args.meld_root
@@ -160,6 +169,50 @@ def pool_only(args, root: Path, work: Path, gpus: float, clips: int) -> None:
     Console(width=140).print(table)
     if args.json:
         args.json.write_text(json.dumps(dict(results, device=device, clips=clips), indent=2))
+
+
+def encoder_only(args) -> None:
+    """The job's ImageBind stage on random decoded-shape batches (audio features and frames for every row)."""
+    import json
+
+    import torch
+
+    from pipelines.job import _AUDIO_SHAPE, _FRAMES_SHAPE, ImageBindStage
+
+    rng = np.random.default_rng(0)
+    n = args.batch_size
+    batch = {"key": np.array([f"bench/{i}" for i in range(n)], dtype=object),
+             "has_audio_feat": np.ones(n, bool), "has_frames": np.ones(n, bool),
+             "audio_feat": rng.standard_normal((n, *_AUDIO_SHAPE), dtype=np.float32),
+             "frames": rng.integers(0, 256, (n, *_FRAMES_SHAPE), dtype=np.uint8),
+             "fail_stage": np.full(n, "", object), "fail_reason": np.full(n, "", object),
+             "fail_detail": np.full(n, "", object)}  # fmt: skip
+    cuda = torch.cuda.is_available()
+    results: dict = {}
+    for size in args.sizes.split(","):
+        stage = ImageBindStage(checkpoint=None, size=size, seed=0)
+        out = stage(batch)  # warm-up (kernels, allocator)
+        assert not any(out["fail_reason"]), set(out["fail_detail"])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            stage(batch)  # returns numpy: every batch has finished on the device
+        seconds = time.perf_counter() - start
+        results[size] = {"clips_per_s": n * args.batches / seconds,
+                         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}  # fmt: skip
+        del stage
+        if cuda:
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    table = Table(title=f"ImageBind encoder stage, batch {n} x {args.batches}, audio + vision per clip, fp32, {device}")
+    for column in ("ImageBind (random init)", "clips/s", "peak memory (MB)"):
+        table.add_column(column, justify="left" if column.startswith("Image") else "right")
+    for size, r in results.items():
+        table.add_row(size, f"{r['clips_per_s']:.2f}", f"{r['peak_mb']:,.0f}" if r["peak_mb"] else "-")
+    Console(width=140).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(dict(results, device=device, batch_size=n), indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def build_text_store(root: Path, split: str, dialogues: int) -> str:
         ids = sorted({r.dialogue_id for r in records})[:dialogues]
         records, source = [r for r in records if r.dialogue_id in set(ids)], f"MELD text ({meld_text})"
     else:
-        from pipelines.synth import script_from_bank
+        from pipelines.synth.script import script_from_bank  # the text alone: no media tools needed
 
         counts = {s: (dialogues if s == split else 0) for s in ("train", "dev", "test")}
         records, source = script_from_bank(counts, seed=0), "the generator's built-in bank (no MELD text found)"

@@ -6,6 +6,7 @@ Same model (4-bit NF4 + LoRA r=16 on all linear layers), same examples (real MEL
 ../shared/meld-text, else the generator's bank, `next_utterance` targets, text modality so that every variant can run it), same
 number of examples seen:
 - merg: `training.train` (DeepSpeed ZeRO-2, length-bucketed batches of `--batch-size`);
+- merg-zero0: the same under ZeRO stage 0 (what ZeRO's partitioning costs on one device);
 - hf: `transformers.Trainer` on the same tokenised examples, batches of `--batch-size` padded to the
   longest (DataCollatorForSeq2Seq), no bucketing;
 - reference: the reference notebooks' loop, one example per step (batch 1, no bucketing).
@@ -32,31 +33,33 @@ from benchmarks.text_store import build_text_store  # noqa: E402
 from featurestore.store import Store  # noqa: E402
 from infra.config import MergConfig, PathsConfig, TrainConfig  # noqa: E402
 
-VARIANTS = ("merg", "hf", "reference")
+VARIANTS = ("merg", "merg-zero0", "hf", "reference")
 
 
-def config(args, root: Path) -> MergConfig:
+def config(args, root: Path, zero_stage: int = 2) -> MergConfig:
     return MergConfig(
         paths=PathsConfig(store=root / "store", runs=root / "runs"),
         train=TrainConfig(name="bench", model=args.model, modality="text", batch_size=args.batch_size,
                           max_steps=args.steps, eval_every=10**6, eval_limit=1, save_every=10**6, warmup_steps=0,
-                          max_length=256),  # fmt: skip
+                          max_length=256, deepspeed_stage=zero_stage),  # fmt: skip
     )
 
 
 def run_variant(variant: str, args, root: Path) -> dict:
     from infra.models import resolve_llm
     from training.data import collate, load_examples
-    from training.mllm import attach_lora, load_llm
+    from training.mllm import attach_lora, load_llm, resolve_dtype
 
-    cfg = config(args, root)
+    cfg = config(args, root, zero_stage=0 if variant == "merg-zero0" else 2)
     t = cfg.train
-    if variant == "merg":
+    if variant.startswith("merg"):
         from training import train
 
         report = train(cfg)
         return dict(tokens_per_s=report.tokens_per_s)
-    llm, tokenizer = load_llm(resolve_llm(t.model, cfg.paths.model_cache), quantization="nf4")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(t.compute_dtype, device)  # as merg's trainer: bf16 compute on a GPU
+    llm, tokenizer = load_llm(resolve_llm(t.model, cfg.paths.model_cache), quantization="nf4", dtype=dtype, device=device)
     model = attach_lora(llm, t.lora)
     examples = load_examples(Store.open(cfg.paths.store), t, "train", tokenizer)
     n = args.steps * args.batch_size
@@ -78,7 +81,8 @@ def run_variant(variant: str, args, root: Path) -> dict:
             model=model, train_dataset=data, data_collator=collator,
             args=TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=args.batch_size,
                                    max_steps=args.steps, learning_rate=t.lr, report_to=[], save_strategy="no",
-                                   logging_steps=10**6, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0),
+                                   logging_steps=10**6, use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
+                                   dataloader_num_workers=0),
         )  # fmt: skip
         start = time.perf_counter()
         trainer.train()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import av
 import numpy as np
 
 from pipelines.asd.stage import ASD_FPS, SpeakerResult, find_speaker, read_small_frames
@@ -75,6 +74,8 @@ class DecodedClip:
 
 def read_audio_16k(path: Path | str) -> np.ndarray | None:
     """The first audio stream as 16 kHz mono float32, or None if the clip has none."""
+    import av  # on use: importing the job (e.g. its encoder stage alone) needs no PyAV
+
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
@@ -121,6 +122,8 @@ def decode_clip(
 
 def save_track_video(target: Path, frames: np.ndarray, result: SpeakerResult, margin: float) -> None:
     """The chosen track's face crops (224 px, 25 fps) as an H.264 mp4, for looking at."""
+    import av
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(target), "w") as container:
         stream = container.add_stream("libx264", rate=int(ASD_FPS))

@@ -60,7 +60,7 @@ class TrainReport:
     steps: int
     train_loss: float | None
     best_val_loss: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # real (non-pad) tokens per second of training steps; validation and checkpoints excluded
     stopped_early: bool
     examples: int
 
@@ -266,8 +266,8 @@ class Trainer:
         self.engine.train()
         metrics = open(self.run_dir / METRICS, "a") if self.is_main else None
         last_loss, stopped_early = None, False
-        window_tokens, window_start = 0, time.perf_counter()
-        run_tokens, run_start = 0, time.perf_counter()
+        # tokens/s counts time in training steps only: validation and checkpoint writes are not throughput
+        window_tokens, window_seconds, run_tokens, run_seconds = 0, 0.0, 0, 0.0
         micro = 0
         batches, batches_epoch = [], None
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
@@ -278,6 +278,7 @@ class Trainer:
                 if self.batch_in_epoch >= len(batches):
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
+                step_start = time.perf_counter()
                 batch = self._to_device(collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id))
                 tokens = int(batch["attention_mask"].sum()) * self.world_size
                 loss = self.engine(**batch).loss
@@ -286,16 +287,19 @@ class Trainer:
                 self.batch_in_epoch += 1
                 micro += 1
                 window_tokens, run_tokens, self.tokens_seen = window_tokens + tokens, run_tokens + tokens, self.tokens_seen + tokens
+                if micro % t.grad_accum == 0:
+                    self.step += 1
+                    last_loss = loss.item()  # waits for the device: the step's time is all in
+                seconds = time.perf_counter() - step_start
+                window_seconds, run_seconds = window_seconds + seconds, run_seconds + seconds
                 if micro % t.grad_accum:
                     continue
-                self.step += 1
-                last_loss = loss.item()
-                speed = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                speed = window_tokens / max(1e-9, window_seconds)
                 advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
                 record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
                 if self.step % t.log_every == 0:
                     record["tokens_per_s"] = speed
-                    window_tokens, window_start = 0, time.perf_counter()
+                    window_tokens, window_seconds = 0, 0.0
                 if self.step % t.eval_every == 0 or self.step == self.total_steps:
                     record.update(self._evaluate_and_keep_best())
                     stopped_early = t.patience is not None and self.bad_evals >= t.patience
@@ -317,7 +321,7 @@ class Trainer:
             self._log(f"early stop at step {self.step}: no improvement in {t.patience} validations")
         return TrainReport(
             self.run_dir, self.step, last_loss, self.best_val,
-            run_tokens / max(1e-9, time.perf_counter() - run_start), stopped_early, len(self.train_examples),
+            run_tokens / max(1e-9, run_seconds), stopped_early, len(self.train_examples),
         )  # fmt: skip
 
     def _evaluate_and_keep_best(self) -> dict:
