@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -99,6 +100,13 @@ def run_variant(variant: str, args, root: Path) -> dict:
     return dict(tokens_per_s=tokens / (time.perf_counter() - start))
 
 
+def single_process_env() -> dict:
+    """This environment without a distributed launch's variables (a caller's process group, e.g. a test
+    session's, would otherwise be joined, its port already taken): each variant is one process."""
+    launch = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in launch}
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -134,7 +142,7 @@ def main() -> None:
         for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--variant", variant, "--root", str(root), "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--model", args.model]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=single_process_env())
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -54,6 +54,7 @@ def crop_square(frame: np.ndarray, box: np.ndarray, margin: float, size: int = 2
 def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
     """Classify one clip from its container and packets; `decode_check` also decodes every frame."""
     import av  # on use: the helpers above need no PyAV
+
     path = Path(path)
     if not path.exists():
         return ClipProbe(False, "missing_file", str(path))
