@@ -33,10 +33,11 @@ WORK=$(mktemp -d /tmp/merg-gpu-check.XXXXXX)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 started_all=$(date +%s)
+untar() { "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$@"; }
 
 if [ -f .gpu/site.tar.xz ] && [ "$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(cat .gpu/python-version 2>/dev/null)" ]; then
   echo "unpacking .gpu/site.tar.xz into $WORK/site"
-  "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' .gpu/site.tar.xz "$WORK/site" || exit 2
+  untar .gpu/site.tar.xz "$WORK/site" || exit 2
   export PYTHONPATH=$PWD:$WORK/site${PYTHONPATH#"$PWD"}
 fi
 
@@ -65,8 +66,7 @@ cat "$OUT/env.json"
 LLM=smollm2-135m-instruct
 LLM_NOTE="embedded SmolLM2-135M-Instruct"
 if [ -f .gpu/llm.tar.xz ] && ! "$PY" -c 'from infra.config import PathsConfig; from infra.models import resolve_llm; resolve_llm("smollm2-135m-instruct", PathsConfig().model_cache)' 2>/dev/null; then
-  "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' .gpu/llm.tar.xz "$WORK/llm-files" &&
-    "$PY" benchmarks/random_llm.py "$WORK/llm-files" "$WORK/llm-random-init" || exit 2
+  untar .gpu/llm.tar.xz "$WORK/llm-files" && "$PY" benchmarks/random_llm.py "$WORK/llm-files" "$WORK/llm-random-init" || exit 2
   LLM=$WORK/llm-random-init
   LLM_NOTE="SmolLM2-135M architecture at random init (throughput only)"
   export MERG_MODEL_CACHE=$WORK/model-cache  # the tests take only its tokenizer
