@@ -32,6 +32,7 @@ from pipelines.imagebind import (
     AUDIO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, MEL_BINS, SIZES, TARGET_FRAMES, VIDEO_CLIPS,
     ImageBindEncoder, checkpoint_id, file_sha256, resolve_size,
 )  # fmt: skip
+from pipelines.media import check_clip_path
 from pipelines.meld import Utterance, read_splits
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,20 @@ def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _hash_clips(records: list[Utterance]) -> dict[str, str]:
+def _hash_clips(records: list[Utterance]) -> dict[str, str | None]:
     paths = {r.key: r.clip_path for r in records if r.clip_path is not None}
     with ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
-        return dict(zip(paths, pool.map(file_sha256, paths.values())))
+        return dict(zip(paths, pool.map(_clip_sha256, paths.values())))
+
+
+def _clip_sha256(path: Path) -> str | None:
+    """The clip's hash; None for a path that is no readable file (its decode task records why)."""
+    if check_clip_path(path) is not None:
+        return None
+    try:
+        return file_sha256(path)
+    except OSError:  # gone or changed since the check: decoding will say what it found
+        return None
 
 
 def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> None:

@@ -6,6 +6,9 @@ needed) and classifies the clip as usable or faulty with a short machine-readabl
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,35 @@ class ClipProbe:
     width: int | None = None
     height: int | None = None
     has_audio: bool = False
+
+
+def check_clip_path(path: Path | str) -> tuple[str, str] | None:
+    """(reason, detail) when `path` is not a readable regular file, else None.
+
+    The one path check that hashing, probing and decoding share. It never reads from the path before
+    knowing it is a regular file: opening a FIFO or a device could block or read forever.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return "dangling_link", f"{path} -> {os.readlink(path)} (target missing)"
+        return "missing_file", f"{path} is gone"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "link_loop", f"{path}: symbolic links loop"
+        return "unreadable", f"{path}: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is_directory", f"{path} is a directory"
+    if not stat.S_ISREG(mode):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        return "not_regular_file", f"{path} is a {kind}"
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        return "unreadable", f"{path}: {exc.strerror or exc}"
+    return None
 
 
 def rms_per_frame(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
@@ -56,8 +88,9 @@ def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
     import av  # on use: the helpers above need no PyAV
 
     path = Path(path)
-    if not path.exists():
-        return ClipProbe(False, "missing_file", str(path))
+    bad_path = check_clip_path(path)
+    if bad_path is not None:
+        return ClipProbe(False, *bad_path)
     if path.stat().st_size == 0:
         return ClipProbe(False, "empty_file", "0 bytes")
     with path.open("rb") as fh:

@@ -137,7 +137,8 @@ def read_split(root: Path | str, split: str) -> SplitReading:
             clip_path, status = None, "no_media"
             if clip_dir is not None:
                 clip_path = clip_dir / clip_filename(dialogue_id, utterance_id)
-                status = "found" if clip_path.exists() else "missing"
+                # a broken link is "found": the job records why it is unusable (dangling, looping)
+                status = "found" if clip_path.exists() or clip_path.is_symlink() else "missing"
                 clip_path = clip_path if status == "found" else None
             reading.records.append(
                 Utterance(
