@@ -4,6 +4,10 @@ text, embeddings and provenance, plus failures, targets and evaluation tables.
 Doors: `featurestore.schema` (the contract: tables, label vocabularies, keys) and `Store`.
 """
 
-from featurestore.store import SchemaVersionMismatch, Store, StoreError, StoreNotFound, WriteResult
+from featurestore.store import (
+    SchemaVersionMismatch, Store, StoreDamaged, StoreError, StoreNotFound, StoreReadOnly, WriteResult,
+)  # fmt: skip
 
-__all__ = ["SchemaVersionMismatch", "Store", "StoreError", "StoreNotFound", "WriteResult"]
+__all__ = [
+    "SchemaVersionMismatch", "Store", "StoreDamaged", "StoreError", "StoreNotFound", "StoreReadOnly", "WriteResult",
+]  # fmt: skip

@@ -13,6 +13,8 @@ a new version. The store's version is the version of its `utterances` table.
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +63,14 @@ class StoreNotFound(StoreError, FileNotFoundError):
 
 
 class SchemaVersionMismatch(StoreError):
+    pass
+
+
+class StoreDamaged(StoreError):
+    pass
+
+
+class StoreReadOnly(StoreError):
     pass
 
 
@@ -154,7 +164,7 @@ class Store:
             if embedding_dim is None:
                 raise ValueError("creating a store needs embedding_dim")
             cls._create(root, embedding_dim, fused_dim or embedding_dim)
-        dataset = lance.dataset(str(uri))
+        dataset = _open_table(uri, version)  # a pinned version opens even when the latest is damaged
         meta = dataset.schema.metadata or {}
         found = meta.get(META_VERSION, b"<none>").decode()
         if found != str(SCHEMA_VERSION):
@@ -206,10 +216,7 @@ class Store:
         return Store.open(self.root, version=version)
 
     def _dataset(self, name: str, version: int | str | None = None) -> lance.LanceDataset:
-        try:
-            return lance.dataset(str(self.root / f"{name}.lance"), version=version)
-        except ValueError as exc:
-            raise StoreError(f"{self.root}: no version or tag {version!r} of {name}") from exc
+        return _open_table(self.root / f"{name}.lance", version)
 
     def _utterances(self) -> lance.LanceDataset:
         return self._dataset(UTTERANCES, self.pinned)
@@ -224,6 +231,9 @@ class Store:
     def _writable(self) -> None:
         if self.pinned is not None:
             raise StoreError(f"this handle is pinned to version {self.pinned!r} and is read-only")
+        if not getattr(self, "_checked_writable", False):
+            check_writable(self.root)
+            self._checked_writable = True
 
     # ---- writes ---------------------------------------------------------------------------------
     def write_utterances(self, rows: pa.Table | Iterable[dict]) -> WriteResult:
@@ -527,3 +537,75 @@ def _loose_table(rows: list[dict]) -> pa.Table:
                 table.column_names.index(column), column, pa.nulls(table.num_rows, pa.list_(pa.float32()))
             )
     return table
+
+
+# ---- machine faults: a damaged table, a store that cannot be written ------------------------------
+_LANCE_SOURCE = re.compile(r",\s*/\S+\.rs:\d+:\d+")  # lance appends its Rust source locations
+_TABLE_IN_MESSAGE = re.compile(r"(/?[^\s'\"]*?([A-Za-z_]\w*)\.lance)/(?:data|_versions|_deletions|_indices|_transactions)\b")
+
+
+def _open_table(uri: Path, version: int | str | None = None) -> lance.LanceDataset:
+    """A Lance table; an unknown version is a StoreError, anything else that stops it opening StoreDamaged."""
+    try:
+        return lance.dataset(str(uri), version=version)
+    except (ValueError, OSError) as exc:
+        if version is not None and _opens(uri):
+            raise StoreError(f"{uri.parent}: no version or tag {version!r} of {uri.stem}") from exc
+        raise damaged_table(uri, exc) from exc
+
+
+def _opens(uri: Path) -> bool:
+    try:
+        lance.dataset(str(uri))
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def versions_on_disk(uri: Path) -> list[int]:
+    """Version numbers whose manifests are on disk (Lance names them either `N` or `2**64 - 1 - N`)."""
+    numbers = []
+    for manifest in (Path(uri) / "_versions").glob("*.manifest"):
+        if manifest.stem.isdigit():
+            n = int(manifest.stem)
+            numbers.append(2**64 - 1 - n if n > 2**63 else n)
+    return sorted(numbers)
+
+
+def damaged_table(uri: Path, exc: BaseException) -> StoreDamaged:
+    """One line: which table is damaged, Lance's reason, and the versions that may still open."""
+    uri = Path(uri)
+    why = _LANCE_SOURCE.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    versions = versions_on_disk(uri)
+    hint = (
+        f"earlier versions may still open with --version N (on disk: {', '.join(map(str, versions[-6:]))})"
+        if versions else "no version manifests on disk: restore the table from a copy or rebuild it"
+    )
+    return StoreDamaged(f"the store's {uri.stem!r} table is damaged ({uri}: {why[:300]}); {hint}")
+
+
+def explain_store_error(exc: BaseException) -> str | None:
+    """The one-line damage report for an error that names a file inside a Lance table, else None."""
+    if isinstance(exc, StoreDamaged):
+        return str(exc)
+    match = _TABLE_IN_MESSAGE.search(str(exc))
+    if match is None or not isinstance(exc, (ValueError, OSError)):
+        return None
+    uri = Path(match.group(1))
+    if not uri.is_absolute() and (Path("/") / uri).exists():  # lance drops the leading slash
+        uri = Path("/") / uri
+    return str(damaged_table(uri, exc))
+
+
+def check_writable(root: Path | str) -> None:
+    """Refuse at once when the store's folder cannot be written (read-only mount, no permission)."""
+    root = Path(root)
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".merg-write-check-"):
+            pass
+    except OSError as exc:
+        raise StoreReadOnly(
+            f"the store at {root} cannot be written ({existing}: {exc.strerror or exc}); write commands refuse, "
+            "read commands (merg store stats/query/export, --version) still work"
+        ) from exc

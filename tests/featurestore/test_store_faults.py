@@ -1,0 +1,94 @@
+"""Machine faults at the store: a damaged table, a read-only store. Each says which table or store,
+in one line, and nothing stored is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from featurestore.store import Store, StoreDamaged, StoreReadOnly, explain_store_error, versions_on_disk
+from featurestore.synthetic import synthetic_utterances
+
+DAMAGE = ("garbage_folder", "deleted_data_file", "truncated_manifest")
+
+
+def make_store(root: Path) -> Path:
+    """A store with three versions of its utterances table (create, then two writes)."""
+    store = Store.open(root, create=True, embedding_dim=8)
+    store.write_utterances(synthetic_utterances(6, 8, seed=1))
+    store.write_utterances(synthetic_utterances(6, 8, seed=2, start=6))
+    return root
+
+
+def damage(root: Path, kind: str) -> None:
+    table = root / "utterances.lance"
+    if kind == "garbage_folder":  # something else's files where the table should be
+        shutil.rmtree(table)
+        table.mkdir()
+        (table / "notes.txt").write_text("not a lance table")
+    elif kind == "deleted_data_file":
+        sorted((table / "data").iterdir(), key=lambda p: p.stat().st_mtime)[-1].unlink()
+    elif kind == "truncated_manifest":  # Lance names manifests 2**64 - 1 - version: the newest sorts first
+        newest = sorted((table / "_versions").glob("*.manifest"))[0]
+        newest.write_bytes(newest.read_bytes()[:40])
+
+
+def _damage_message(root: Path) -> str:
+    with pytest.raises(Exception) as caught:
+        Store.open(root).stats()
+    message = explain_store_error(caught.value)
+    assert message is not None, f"not recognised as damage: {caught.value!r}"
+    return message
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_table_is_named_with_the_versions_to_open(tmp_path, kind):
+    root = make_store(tmp_path / "store")
+    damage(root, kind)
+    message = _damage_message(root)
+    assert "the store's 'utterances' table is damaged" in message and "\n" not in message
+    assert ".rs:" not in message  # lance's Rust source locations are dropped
+    if kind == "garbage_folder":
+        assert "no version manifests on disk" in message
+    else:
+        assert "--version N (on disk: 1, 2, 3)" in message
+    if kind == "truncated_manifest":  # the earlier version still opens, with its rows
+        assert Store.open(root, version=2).query(columns=["key"]).num_rows == 6
+
+
+def test_unknown_version_is_not_called_damage(tmp_path):
+    root = make_store(tmp_path / "store")
+    with pytest.raises(Exception) as caught:
+        Store.open(root, version=99)
+    assert not isinstance(caught.value, StoreDamaged) and "no version or tag 99" in str(caught.value)
+    assert versions_on_disk(root / "utterances.lance") == [1, 2, 3]
+
+
+@contextlib.contextmanager
+def read_only_mount(source: Path, target: Path):
+    """`source` mounted read-only at `target` (a bind mount; needs root), skipped where it cannot mount."""
+    target.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root and mount rights): read-only store untested")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here: read-only store untested")
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_read_only_store_reads_and_refuses_writes_at_once(tmp_path):
+    root = make_store(tmp_path / "store")
+    with read_only_mount(root, tmp_path / "ro") as ro:
+        store = Store.open(ro)
+        assert store.query(columns=["key"]).num_rows == 12 and store.stats().rows == 12
+        with pytest.raises(StoreReadOnly, match=r"cannot be written \(.*Read-only file system\); write commands refuse"):
+            store.write_utterances(synthetic_utterances(1, 8, seed=3, start=50))
+        with pytest.raises(StoreReadOnly):
+            store.tag("nope")
+    assert Store.open(root).query(columns=["key"]).num_rows == 12
