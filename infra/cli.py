@@ -48,10 +48,47 @@ def _config(config: Path | None, overrides: list[str] | None, **fields: object) 
         raise typer.BadParameter(str(exc)) from exc
 
 
+_state = {"verbose": False}
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging; tracebacks on failure.")] = False) -> None:
+    _state["verbose"] = verbose
     configure_offline()
     configure_logging(verbose)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`merg` itself (console script and `python -m infra.cli`): the typer app, with any exception that
+    escapes a command turned into one line, a log file with the traceback, and exit status 1.
+    Usage errors and `typer.Exit` keep typer's own behaviour."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=args, prog_name="merg")
+    except Exception as exc:  # noqa: BLE001 - nothing may fail silently or with a bare traceback
+        from infra.errors import report_failure
+
+        sys.exit(report_failure(exc, _command_name(args), args, verbose=_state["verbose"]))
+
+
+def _command_name(args: list[str]) -> str:
+    """The (sub)command words of `args`, e.g. "data synth", by walking typer's command tree."""
+    command, names = typer.main.get_command(app), []
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        if arg not in getattr(command, "commands", {}):  # groups have `commands` (typer vendors click)
+            break
+        names.append(arg)
+        command = command.commands[arg]
+    return " ".join(names)
+
+
+def _refuse_read_only(store: Path) -> None:
+    """Write commands stop before any work when the store's folder cannot be written."""
+    from featurestore.store import check_writable
+
+    check_writable(store)
 
 
 @app.command()
@@ -178,6 +215,7 @@ def preprocess(
         preprocess__fusion=fusion, preprocess__asd_method=asd, preprocess__talknet_checkpoint=talknet_checkpoint,
         preprocess__save_crops=save_crops, preprocess__s3fd_checkpoint=s3fd_checkpoint,
     )  # fmt: skip
+    _refuse_read_only(cfg.paths.store)
     report = run_preprocess(cfg)
     if report.encoder_checkpoint.startswith("random-init"):
         out.print(f"[yellow]note:[/yellow] {report.encoder} ran with seeded random weights ({report.encoder_checkpoint}); "
@@ -221,6 +259,7 @@ def targets_build(
         config, overrides, targets__kind=kind, paths__store=store, targets__limit=limit,
         targets__splits=f"[{splits}]" if splits else None, targets__teacher_model=teacher, targets__force=force,
     )  # fmt: skip
+    _refuse_read_only(cfg.paths.store)
     try:
         report = build_targets(Store.open(cfg.paths.store), cfg.targets, cfg.paths.model_cache)
     except (StoreError, ValueError, FileNotFoundError) as exc:
@@ -274,6 +313,7 @@ def train(
         config, overrides, paths__store=store, train__name=name, train__model=model, train__modality=modality,
         train__target=target, train__max_steps=max_steps, train__resume=resume,
     )  # fmt: skip
+    _refuse_read_only(cfg.paths.store)  # a run tags the store version it read
     try:
         report = run_training(cfg)
     except (StoreError, ModelNotFound, DataError) as exc:
@@ -343,6 +383,7 @@ def evaluate_command(
     )  # fmt: skip
     if not cfg.evaluate.systems:
         raise typer.BadParameter("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
+    _refuse_read_only(cfg.paths.store)
     report = evaluate(cfg)
     out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
     _print_results(cfg.paths.store, report.cell_ids)
@@ -382,6 +423,7 @@ def sweep_command(
     from evaluation import sweep
 
     cfg = _config(config, overrides, paths__store=store, evaluate__force=force, evaluate__ray_address=ray_address)
+    _refuse_read_only(cfg.paths.store)
     report = sweep(cfg)
     out.print(f"sweep {report.sweep}: {report.cells} cells, {len(report.done)} done now, {report.skipped} already done, "
               f"{len(report.failed)} failed ({report.seconds:.0f} s)")  # fmt: skip
@@ -452,7 +494,7 @@ def _open_store(store: Path | None, version: str | None = None, config: Path | N
     try:
         return Store.open(root, version=pinned)
     except (StoreError, FileNotFoundError) as exc:
-        out.print(f"[red]error:[/red] {exc}")
+        out.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2) from exc
 
 
@@ -618,4 +660,4 @@ def store_export(
 
 
 if __name__ == "__main__":
-    app()
+    main()

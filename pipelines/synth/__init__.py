@@ -20,8 +20,9 @@ from pathlib import Path
 from featurestore.schema import SPLITS
 from infra.config import SynthConfig
 from infra.progress import progress_bar
+from infra.tools import require_tool
 from pipelines.meld import CLIP_DIRS, CSV_COLUMNS, CSV_NAMES, Utterance, clip_filename
-from pipelines.synth.clip import ClipJob, ffmpeg_available, render_clip
+from pipelines.synth.clip import ClipJob, render_clip
 from pipelines.synth.faults import EXPECTED, RENDER_FAULTS, TEXT_FAULTS, assign_faults, damage_file, damage_text
 from pipelines.synth.script import dialogues_per_split, script_from_bank, script_from_meld_text
 
@@ -56,8 +57,8 @@ def write_csv(path: Path, lines: list[Utterance], csv_text: dict[str, str]) -> N
 def generate(config: SynthConfig, meld_text: Path | None = None) -> SynthReport:
     """Generate a mini-MELD under `config.out`. Deterministic for a given config."""
     started = time.perf_counter()
-    if not ffmpeg_available():
-        raise RuntimeError("ffmpeg not found: install it (apt-get install ffmpeg) or run `make install`")
+    for tool in ("ffmpeg", "espeak-ng"):  # both must start, not just be on PATH: fail before any work
+        require_tool(tool)
     counts = dialogues_per_split(config.dialogues, config.split_fractions)
     text_dir = None if config.use_bank else (config.text_from or meld_text)
     if text_dir is not None and not (Path(text_dir) / CSV_NAMES["train"]).is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import tempfile
 import wave
@@ -141,7 +140,3 @@ def render_clip(job: ClipJob) -> dict[str, Any]:
         speaker_face=speaker_slot,
         faces=[dict(identity=f["identity"], speaking=f["speaking"], boxes=f["boxes"]) for f in faces],
     )  # fmt: skip
-
-
-def ffmpeg_available() -> bool:
-    return shutil.which("ffmpeg") is not None

@@ -1,0 +1,144 @@
+"""Every command fails loudly and briefly: an exception escaping any `merg` command group is one line
+("error: merg <command> failed: <why>"), a log file holding the traceback, and exit status 1."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from featurestore.store import Store
+from infra.cli import main
+from tests.featurestore.test_store_faults import DAMAGE, damage, make_store, read_only_mount
+from tests.infra.test_tools import broken_tool
+
+
+@pytest.fixture(autouse=True)
+def log_dir(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "logs"
+    monkeypatch.setenv("MERG_LOG_DIR", str(folder))
+    return folder
+
+
+def merg(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `merg ARGS` as the console script does: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def assert_one_line_failure(err: str, command: str, log_dir: Path, *why: str) -> str:
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"error: merg {command} failed: "), err
+    assert all(w in lines[0] for w in why), lines[0]
+    assert "Traceback" not in err and len(lines) == 2, err
+    logs = list(log_dir.glob("*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[1] and "Traceback (most recent call last)" in logs[0].read_text()
+    return lines[0]
+
+
+def test_data_group_names_a_tool_that_cannot_start(capsys, tmp_path, monkeypatch, log_dir):
+    """The silent failure of the issue: `merg data synth` with an ffmpeg that dies at start-up."""
+    monkeypatch.setenv("PATH", f"{broken_tool(tmp_path / 'bin', 'ffmpeg').parent}:/usr/bin:/bin")
+    code, _, err = merg(capsys, "data", "synth", "--out", tmp_path / "mini", "--dialogues", 3, "--bank")
+    assert code == 1
+    assert_one_line_failure(err, "data synth", log_dir, "ffmpeg cannot run", "libblas.so.3", "dpkg --configure -a")
+    assert not (tmp_path / "mini").exists()  # checked before any work
+
+
+def test_verbose_prints_the_traceback_too(capsys, tmp_path, monkeypatch, log_dir):
+    monkeypatch.setenv("PATH", f"{broken_tool(tmp_path / 'bin', 'ffmpeg').parent}:/usr/bin:/bin")
+    code, _, err = merg(capsys, "--verbose", "data", "synth", "--out", tmp_path / "mini", "--dialogues", 3, "--bank")
+    assert code == 1 and "Traceback (most recent call last)" in err and "ToolUnavailable" in err
+    assert err.strip().splitlines()[-2].startswith("error: merg data synth failed: ffmpeg cannot run")
+
+
+def test_data_group_unreadable_input(capsys, tmp_path, log_dir):
+    (tmp_path / "meld" / "train_sent_emo.csv").mkdir(parents=True)  # a folder where the CSV should be
+    code, _, err = merg(capsys, "data", "summary", "--meld-root", tmp_path / "meld", "--splits", "train")
+    assert code == 1
+    assert_one_line_failure(err, "data summary", log_dir, "IsADirectoryError", "train_sent_emo.csv")
+
+
+def test_usage_errors_keep_typers_behaviour(capsys, log_dir):
+    code, _, err = merg(capsys, "store", "stats", "--no-such-option")
+    assert code == 2 and "No such option" in err and not log_dir.exists()
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_store_group_names_the_damaged_table(capsys, tmp_path, kind):
+    root = make_store(tmp_path / "store")
+    damage(root, kind)
+    code, out, err = merg(capsys, "store", "stats", "--store", root)
+    line = (out + err).strip().splitlines()
+    assert code != 0 and len([l for l in line if "error" in l]) == 1 and "Traceback" not in out + err
+    message = next(l for l in line if "error" in l)
+    assert "the store's 'utterances' table is damaged" in message and ("--version N" in message or kind == "garbage_folder")
+    if kind == "truncated_manifest":
+        code, out, _ = merg(capsys, "store", "stats", "--store", root, "--version", 2)
+        assert code == 0 and "store version 2: 6 utterances" in out
+
+
+def test_write_commands_refuse_a_read_only_store_and_reads_work(capsys, tmp_path, log_dir):
+    root = make_store(tmp_path / "store")
+    with read_only_mount(root, tmp_path / "ro") as ro:
+        code, out, _ = merg(capsys, "store", "stats", "--store", ro)
+        assert code == 0 and "12 utterances" in out
+        for command in (["preprocess", "--meld-root", tmp_path, "--no-media"], ["targets", "build", "--kind", "next_utterance"],
+                        ["train"], ["sweep"]):  # fmt: skip
+            code, _, err = merg(capsys, *command, "--store", ro)
+            assert code == 1 and "cannot be written" in err and "Read-only file system" in err, (command, err)
+        code, _, err = merg(capsys, "store", "tag", "x", "--store", ro)
+        assert code == 1 and "cannot be written" in err
+
+
+@pytest.mark.parametrize(
+    "door, command, options",
+    [
+        ("training.train", "train", ["--store", "{store}"]),
+        ("evaluation.sweep", "sweep", ["--store", "{store}"]),
+        ("evaluation.evaluate", "evaluate", ["--model", "m", "--store", "{store}"]),
+        ("evaluation.report", "report", ["--store", "{store}", "--out", "{store}/report"]),
+        ("infra.models.fetch_embedded_llm", "models fetch", []),
+        ("training.build_targets", "targets build", ["--store", "{store}"]),
+    ],
+)
+def test_train_evaluate_and_model_groups_fail_in_one_line(capsys, tmp_path, monkeypatch, log_dir, door, command, options):
+    store = make_store(tmp_path / "store")
+
+    def fail(*_, **__):
+        raise OSError(5, "Input/output error", "/data/broken-disk/block")
+
+    monkeypatch.setattr(door, fail)
+    code, _, err = merg(capsys, *command.split(), *(a.format(store=store) for a in options))
+    assert code == 1
+    assert_one_line_failure(err, command, log_dir, "OSError", "Input/output error", "/data/broken-disk/block")
+
+
+def _mount_tmpfs(target: Path, size: str) -> None:
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights): disk-full untested")
+
+
+@pytest.mark.slow
+@pytest.mark.meld_text
+def test_disk_full_stops_with_a_space_message_and_a_rerun_completes_exactly_once(capsys, tmp_path, meld_text_dir, log_dir):
+    """MELD's 13.7k text rows (7 commits) into an 800 KiB tmpfs: it fills after a few commits."""
+    small = tmp_path / "small"
+    _mount_tmpfs(small, "800k")
+    try:
+        args = ["preprocess", "--meld-root", meld_text_dir, "--no-media"]
+        code, _, err = merg(capsys, *args, "--store", small / "store")
+        assert code == 1
+        assert_one_line_failure(err, "preprocess", log_dir, "no space left on device", "run the same command again")
+        committed = Store.open(small / "store").query(columns=["key"]).num_rows  # the last committed version opens
+        assert 0 < committed < 13708
+        subprocess.run(["cp", "-a", str(small / "store"), str(tmp_path / "roomy")], check=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    code, out, _ = merg(capsys, *args, "--store", tmp_path / "roomy")
+    keys = Store.open(tmp_path / "roomy").query(columns=["key"]).column("key").to_pylist()
+    assert code == 0 and len(keys) == len(set(keys)) == 13708
