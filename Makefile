@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml infra/setup.sh
 	bash infra/setup.sh
 
 demo: $(STAMP)
+	bash infra/check_system.sh tools
 	$(MERG) data synth --out $(DEMO_DIR)/mini-meld --dialogues $(DEMO_DIALOGUES) --seed 0 --faults
 	$(MERG) data summary --meld-root $(DEMO_DIR)/mini-meld
 	$(MERG) preprocess --meld-root $(DEMO_DIR)/mini-meld --store $(DEMO_DIR)/store

@@ -30,6 +30,9 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# Present is not enough: each tool must start (a half-configured apt install leaves one that dies).
+bash infra/check_system.sh tools || { say "fix the tools above, then run make again"; exit 1; }
+
 # --- virtualenv -------------------------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV with $PY"
@@ -54,6 +57,9 @@ if ! "$VENV/bin/python" -c 'import deepspeed' 2>/dev/null; then
   say "building deepspeed 0.19.8 against the installed torch"
   DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 fi
+
+say "checking that every heavy package imports"
+bash infra/check_system.sh imports "$VENV/bin/python" || { say "fix the packages above, then run make again"; exit 1; }
 
 say "preparing the embedded default models (offline afterwards)"
 "$VENV/bin/merg" models fetch

@@ -28,6 +28,13 @@ def _needs_media_tools() -> None:
     missing = [tool for tool in ("ffmpeg", "espeak-ng") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"mini-MELD generation needs {', '.join(missing)} (run `make install`)")
+    from infra.tools import ToolUnavailable, require_tool
+
+    try:  # on PATH but unable to start (a half-configured apt install): skip with the tool's own error
+        for tool in ("ffmpeg", "espeak-ng"):
+            require_tool(tool)
+    except ToolUnavailable as exc:
+        pytest.skip(f"mini-MELD generation: {exc}")
 
 
 @pytest.fixture(scope="session")
