@@ -26,19 +26,18 @@ import pyarrow as pa
 from featurestore import Store
 from infra.config import MergConfig, PreprocessConfig
 from infra.progress import progress_bar
-from pipelines.decode import SpeakerSettings, decode_clip
+from pipelines.decode import DECODE_BASE_MEMORY, SpeakerSettings, decode_clip, decode_memory
 from pipelines.fusion import fuse, fused_width
 from pipelines.imagebind import (
     AUDIO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, MEL_BINS, SIZES, TARGET_FRAMES, VIDEO_CLIPS,
     ImageBindEncoder, checkpoint_id, file_sha256, resolve_size,
 )  # fmt: skip
-from pipelines.media import check_clip_path
+from pipelines.media import check_clip_path, clip_geometry
 from pipelines.meld import Utterance, read_splits
 
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "2"  # 2: active-speaker stage replaces the largest-face crop
-DECODE_MEMORY = 1024**3  # bytes per decode task: one clip's frames and audio, decoded
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 
@@ -210,6 +209,37 @@ def _clip_sha256(path: Path) -> str | None:
         return None
 
 
+def decode_memory_request(path: str) -> int:
+    """Memory for decoding the clip at `path`, from its size (a clip that cannot be read fails fast)."""
+    geometry = clip_geometry(path)
+    return decode_memory(*geometry) if geometry else DECODE_BASE_MEMORY
+
+
+def _decoded(items: list[dict], pc: PreprocessConfig):
+    """Decode tasks that each request the memory their clip needs: clips are grouped by request
+    (512 MiB steps, at most the cluster's memory), one map per group, the groups' outputs joined."""
+    import ray
+
+    cap = int(ray.cluster_resources().get("memory", 0)) or None
+    with ThreadPoolExecutor(8) as pool:  # header reads only
+        requests = list(pool.map(decode_memory_request, (item["path"] for item in items)))
+    groups: dict[int, list[dict]] = {}
+    for item, memory in zip(items, requests):
+        groups.setdefault(min(memory, cap) if cap else memory, []).append(item)
+    parts = [
+        # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
+        ray.data.from_items(group, override_num_blocks=max(1, -(-len(group) // pc.batch_size)))
+        # Declaring memory also keeps Ray from fusing decode into the encoder actor (ops with equal
+        # resource requests are fused), so decode stays parallel CPU tasks.
+        # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
+        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
+             memory=memory, concurrency=pc.decode_concurrency)  # fmt: skip
+        for memory, group in sorted(groups.items())
+    ]
+    log.info("decode memory per task: %s", ", ".join(f"{len(g)} clips x {m / 1024**3:.1f} GiB" for m, g in sorted(groups.items())))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
 def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> None:
     result = store.write_utterances(rows)
     for rejection in result.rejected:
@@ -288,13 +318,7 @@ def _run_media(
     init_ray(pc.ray_address, num_cpus=pc.num_cpus)
     items = [{"key": r.key, "path": str(r.clip_path)} for r in todo]
     ds = (
-        # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
-        ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pc.batch_size)))
-        # Decode declares the memory it needs; that also keeps Ray from fusing it into the encoder
-        # actor (ops with equal resource requests are fused), so decode stays parallel CPU tasks.
-        # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
-        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
-             memory=DECODE_MEMORY, concurrency=pc.decode_concurrency)  # fmt: skip
+        _decoded(items, pc)
         .map_batches(
             ImageBindStage,
             fn_constructor_kwargs=dict(

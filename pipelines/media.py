@@ -62,6 +62,24 @@ def check_clip_path(path: Path | str) -> tuple[str, str] | None:
     return None
 
 
+def clip_geometry(path: Path | str) -> tuple[int, int, float, float] | None:
+    """(width, height, seconds, fps) from the container header alone (no demuxing); None if unreadable."""
+    import av
+
+    if check_clip_path(path) is not None:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            video = next(iter(container.streams.video), None)
+            if video is None:
+                return None
+            seconds = float(video.duration * video.time_base) if video.duration else (container.duration or 0) / av.time_base
+            fps = float(video.average_rate) if video.average_rate else 25.0
+            return video.codec_context.width, video.codec_context.height, seconds, fps
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+
+
 def rms_per_frame(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
     """RMS loudness of the audio under each video frame ([n_frames] float32)."""
     hop = sample_rate / fps

@@ -115,3 +115,70 @@ def test_encoder_stage_isolates_a_bad_input():
     assert out["fail_reason"].tolist() == ["", "encode_error"] and out["fail_stage"][1] == "encode"
     assert np.linalg.norm(out["vision_raw"][0]) == pytest.approx(1, abs=1e-3) and not out["vision_raw"][1].any()
     assert np.linalg.norm(out["audio_raw"][0]) == pytest.approx(20, rel=1e-2)
+
+
+def test_a_long_1080p_clip_requests_more_decode_memory_than_short_ones(mini_meld, tmp_path):
+    """Decode memory follows the clip (frames read x pixels), not one fixed figure for every clip."""
+    from pipelines.decode import DECODE_BASE_MEMORY
+    from pipelines.job import decode_memory_request
+
+    long_clip = tmp_path / "long_1080p.mp4"  # 20 s of 1080p; 1 fps keeps it cheap: the speaker stage reads 25 fps anyway
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=1920x1080:rate=1:duration=20", "-c:v", "libx264", "-preset", "ultrafast", "-an",
+                    str(long_clip)], check=True, timeout=120)  # fmt: skip
+    truth = read_ground_truth(mini_meld)
+    short = [mini_meld / t["clip"] for t in truth.values() if t["fault"] is None]
+    short_requests = [decode_memory_request(str(p)) for p in short]
+    assert short_requests and max(short_requests) <= 2 * 1024**3
+    assert decode_memory_request(str(long_clip)) >= 3 * 1024**3 > max(short_requests)
+    assert decode_memory_request(str(tmp_path / "gone.mp4")) == DECODE_BASE_MEMORY  # fails fast, at the base
+
+
+@pytest.mark.slow
+def test_odd_clip_paths_become_failures_and_the_job_goes_on(mini_meld, tmp_path, ray_session, monkeypatch):
+    """A directory, a dangling and a looping link, a FIFO and a clip deleted between planning and
+    decoding: each is a row and a failure with its reason; the good clip is embedded; a re-run adds nothing."""
+    import csv
+    import shutil
+
+    from pipelines import job
+    from pipelines.meld import CSV_COLUMNS, CSV_NAMES, read_split
+
+    truth = read_ground_truth(mini_meld)
+    good = next(mini_meld / t["clip"] for t in truth.values() if t["split"] == "dev" and t["fault"] is None and t["clip"])
+    root, clips = tmp_path / "meld", tmp_path / "meld" / "dev_splits_complete"
+    clips.mkdir(parents=True)
+    with (root / CSV_NAMES["dev"]).open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([CSV_COLUMNS] + [
+            [i + 1, f"Line {i}.", "Joey", "neutral", "neutral", 0, i, 1, 1, "00:00:01,000", "00:00:02,000"] for i in range(6)
+        ])  # fmt: skip
+    records = read_split(root, "dev").records
+    paths = [clips / f"dia{r.dialogue_id}_utt{r.utterance_id}.mp4" for r in records]
+    shutil.copy(good, paths[0])
+    paths[1].mkdir()
+    paths[2].symlink_to(clips / "nowhere.mp4")
+    paths[3].symlink_to(paths[3])
+    os.mkfifo(paths[4])
+    shutil.copy(good, paths[5])
+    expected = {records[1].key: "is_directory", records[2].key: "dangling_link", records[3].key: "link_loop",
+                records[4].key: "not_regular_file", records[5].key: "missing_file"}  # fmt: skip
+
+    hash_clips = job._hash_clips
+
+    def hash_then_delete(todo):  # the last clip vanishes after planning, before its decode task runs
+        hashes = hash_clips(todo)
+        paths[5].unlink()
+        return hashes
+
+    monkeypatch.setattr(job, "_hash_clips", hash_then_delete)
+    config = _config(root, tmp_path / "store", "preprocess.splits=[dev]")
+    report = run_preprocess(config)
+    store = Store.open(tmp_path / "store")
+    keys = store.query(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(r.key for r in records) and report.total == 6
+    assert {f["key"]: f["reason"] for f in store.failures().to_pylist()} == expected
+    assert store.vector_of(records[0].key) is not None
+
+    monkeypatch.setattr(job, "_hash_clips", hash_clips)
+    again = run_preprocess(config)
+    assert again.skipped == 6 and Store.open(tmp_path / "store").query(columns=["key"]).num_rows == 6
