@@ -252,7 +252,7 @@ def targets_build(
     overrides: SetOpt = None,
 ) -> None:
     """Build `next_utterance` (MELD's next line) or `teacher` (LLM-written empathetic) targets."""
-    from featurestore.store import Store, StoreError
+    from featurestore.store import Store, StoreDamaged, StoreError
     from training import build_targets
 
     cfg = _config(
@@ -262,6 +262,8 @@ def targets_build(
     _refuse_read_only(cfg.paths.store)
     try:
         report = build_targets(Store.open(cfg.paths.store), cfg.targets, cfg.paths.model_cache)
+    except StoreDamaged:
+        raise  # not a parameter problem: the one-line damage report
     except (StoreError, ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     table = Table(title=f"{report.kind} targets -> {cfg.paths.store}")
@@ -304,7 +306,7 @@ def train(
             raise typer.BadParameter(str(exc)) from exc
         out.print(f"launching: {' '.join(command)}")
         raise typer.Exit(subprocess.run(command).returncode)
-    from featurestore.store import StoreError
+    from featurestore.store import StoreDamaged, StoreError
     from infra.models import ModelNotFound
     from training import train as run_training
     from training.data import DataError
@@ -316,6 +318,8 @@ def train(
     _refuse_read_only(cfg.paths.store)  # a run tags the store version it read
     try:
         report = run_training(cfg)
+    except StoreDamaged:
+        raise  # not a parameter problem: the one-line damage report
     except (StoreError, ModelNotFound, DataError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 reports

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
 from featurestore.store import Store
 from infra.config import EvaluateConfig, MergConfig, PathsConfig
@@ -50,3 +52,51 @@ def test_sweep_is_resumable_and_records_failures(eval_store, tiny_llm, tiny_runs
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in files.images)
     markdown = files.markdown.read_text()
     assert "| Method | Model |" in markdown and "impossible" in markdown  # the failed cell is listed
+
+
+_KILLED_AFTER_OUTPUTS = """
+import os, signal, sys
+from featurestore.schema import EVAL_OUTPUTS
+from featurestore.store import Store
+from infra.config import MergConfig
+
+write = Store.write_records
+
+def write_then_die(self, name, rows):  # SIGKILL between a cell's outputs commit and its result commit
+    written = write(self, name, rows)
+    if name == EVAL_OUTPUTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return written
+
+Store.write_records = write_then_die
+from evaluation import evaluate
+evaluate(MergConfig.model_validate_json(open(sys.argv[1]).read()))
+"""
+
+
+@pytest.mark.slow
+def test_killed_between_a_cells_writes_a_rerun_stores_each_row_once(eval_store, tiny_llm, tmp_path):
+    """SIGKILL after a cell's outputs are committed but before its result is: the store keeps the
+    outputs, the cell is not `done`, and the re-run completes it without a duplicate output or result."""
+    import subprocess
+    import sys
+
+    from evaluation import evaluate
+
+    systems = [{"name": "pretrained", "model": str(tiny_llm), "modality": "text", "quantization": "none"}]
+    config = MergConfig(paths=PathsConfig(store=eval_store), evaluate=EvaluateConfig(
+        sweep="k", systems=systems, presets=["default"], limit=3, bootstrap_samples=20, batch_size=4,
+        emotion_backend="lexicon", report_dir=tmp_path / "report"))  # fmt: skip
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_OUTPUTS, str(tmp_path / "config.json")],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = Store.open(eval_store)
+    assert store.read_records(EVAL_OUTPUTS).num_rows == 3 and store.read_records(EVAL_RESULTS).num_rows == 0
+
+    rerun = evaluate(config)
+    assert len(rerun.done) == 1 and rerun.skipped == 0
+    outputs = store.read_records(EVAL_OUTPUTS, columns=["cell", "key"]).to_pylist()
+    assert len(outputs) == len({(o["cell"], o["key"]) for o in outputs}) == 3
+    assert [r["status"] for r in store.read_records(EVAL_RESULTS).to_pylist()] == ["done"]
+    assert evaluate(config).skipped == 1  # and a third run has nothing left to do

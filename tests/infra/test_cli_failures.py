@@ -81,6 +81,18 @@ def test_store_group_names_the_damaged_table(capsys, tmp_path, kind):
         assert code == 0 and "store version 2: 6 utterances" in out
 
 
+@pytest.mark.parametrize(
+    "command", [["store", "query"], ["store", "versions"], ["targets", "build"], ["sweep"], ["report"]]
+)
+def test_every_reader_names_the_damaged_table_in_one_line(capsys, tmp_path, command):
+    root = make_store(tmp_path / "store")
+    damage(root, "truncated_manifest")
+    code, out, err = merg(capsys, *command, "--store", root)
+    errors = [line for line in (out + err).splitlines() if line.startswith("error")]
+    assert code != 0 and "Traceback" not in out + err and len(errors) == 1, out + err
+    assert "the store's 'utterances' table is damaged" in errors[0] and "--version N (on disk: 1, 2, 3)" in errors[0]
+
+
 def test_write_commands_refuse_a_read_only_store_and_reads_work(capsys, tmp_path, log_dir):
     root = make_store(tmp_path / "store")
     with read_only_mount(root, tmp_path / "ro") as ro:
