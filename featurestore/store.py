@@ -141,6 +141,7 @@ class Store:
         self.fused_dim = fused_dim
         self.pinned = version
         self._schema = utterances_schema(embedding_dim, fused_dim)
+        self._checked_writable = False
 
     # ---- opening --------------------------------------------------------------------------------
     @classmethod
@@ -231,7 +232,7 @@ class Store:
     def _writable(self) -> None:
         if self.pinned is not None:
             raise StoreError(f"this handle is pinned to version {self.pinned!r} and is read-only")
-        if not getattr(self, "_checked_writable", False):
+        if not self._checked_writable:
             check_writable(self.root)
             self._checked_writable = True
 

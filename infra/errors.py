@@ -64,6 +64,8 @@ def explain(exc: BaseException) -> str:
 
     for cause in _causes(exc):
         text = str(cause)
+        if isinstance(cause, (ToolUnavailable, StoreError)):  # merg's own messages already say what to do
+            return explain_store_error(cause) or _one_line(text)
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in text or "os error 28" in text:
             where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""
             return (f"no space left on device{where}: free space (or copy the store to a roomier disk and point "
@@ -73,8 +75,6 @@ def explain(exc: BaseException) -> str:
         damage = explain_store_error(cause)
         if damage:
             return damage
-        if isinstance(cause, (ToolUnavailable, StoreError)):
-            return _one_line(text)
     return f"{type(exc).__name__}: {_one_line(str(exc)) or 'no message'}"
 
 
