@@ -154,3 +154,27 @@ def test_disk_full_stops_with_a_space_message_and_a_rerun_completes_exactly_once
     code, out, _ = merg(capsys, *args, "--store", tmp_path / "roomy")
     keys = Store.open(tmp_path / "roomy").query(columns=["key"]).column("key").to_pylist()
     assert code == 0 and len(keys) == len(set(keys)) == 13708
+
+
+def test_disk_full_while_building_targets_then_a_rerun_on_a_roomier_disk(capsys, tmp_path, log_dir):
+    """A store copied onto a tmpfs with 100 KiB to spare; its ~230 KiB of targets do not fit."""
+    from featurestore.schema import TARGETS
+    from tests.conftest import dialogue_rows
+
+    made = tmp_path / "made"
+    Store.open(made, create=True, embedding_dim=32).write_utterances(dialogue_rows(400, 6))
+    used_kib = int(subprocess.run(["du", "-sk", str(made)], capture_output=True, text=True, check=True).stdout.split()[0])
+    small = tmp_path / "small"
+    _mount_tmpfs(small, f"{used_kib + 100}k")
+    try:
+        subprocess.run(["cp", "-a", str(made), str(small / "store")], check=True)
+        code, _, err = merg(capsys, "targets", "build", "--kind", "next_utterance", "--store", small / "store")
+        assert code == 1
+        assert_one_line_failure(err, "targets build", log_dir, "no space left on device")
+        assert Store.open(small / "store").query(columns=["key"]).num_rows == 2400  # the store still opens
+        subprocess.run(["cp", "-a", str(small / "store"), str(tmp_path / "roomy")], check=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    code, _, _ = merg(capsys, "targets", "build", "--kind", "next_utterance", "--store", tmp_path / "roomy")
+    ids = Store.open(tmp_path / "roomy").read_records(TARGETS, columns=["id"]).column("id").to_pylist()
+    assert code == 0 and len(ids) == len(set(ids)) == 2000
