@@ -73,11 +73,21 @@ def clip_geometry(path: Path | str) -> tuple[int, int, float, float] | None:
             video = next(iter(container.streams.video), None)
             if video is None:
                 return None
-            seconds = float(video.duration * video.time_base) if video.duration else (container.duration or 0) / av.time_base
-            fps = float(video.average_rate) if video.average_rate else 25.0
-            return video.codec_context.width, video.codec_context.height, seconds, fps
+            fps, seconds = _rate_and_duration(container, video)
+            return video.codec_context.width, video.codec_context.height, seconds or 0.0, fps or 25.0
     except (av.error.FFmpegError, OSError, ValueError):
         return None
+
+
+def _rate_and_duration(container, video) -> tuple[float | None, float | None]:
+    """A video stream's average fps and its duration in seconds (the container's when the stream has none)."""
+    import av
+
+    fps = float(video.average_rate) if video.average_rate else None
+    duration = float(video.duration * video.time_base) if video.duration else None
+    if duration is None and container.duration:
+        duration = container.duration / av.time_base
+    return fps, duration
 
 
 def rms_per_frame(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
@@ -124,10 +134,7 @@ def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
         audio = next(iter(container.streams.audio), None)
         if video is None:
             return ClipProbe(False, "no_video_stream", has_audio=audio is not None)
-        fps = float(video.average_rate) if video.average_rate else None
-        duration = float(video.duration * video.time_base) if video.duration else None
-        if duration is None and container.duration:
-            duration = container.duration / av.time_base
+        fps, duration = _rate_and_duration(container, video)
         n_frames = video.frames or (round(duration * fps) if duration and fps else None)
         info = dict(
             duration=duration, fps=fps, n_frames=n_frames, width=video.codec_context.width,
