@@ -217,10 +217,11 @@ def decode_memory_request(path: str) -> int:
 
 def _decoded(items: list[dict], pc: PreprocessConfig):
     """Decode tasks that each request the memory their clip needs: clips are grouped by request
-    (512 MiB steps, at most the cluster's memory), one map per group, the groups' outputs joined."""
+    (512 MiB steps, at most the largest node's memory), one map per group, the groups' outputs joined."""
     import ray
 
-    cap = int(ray.cluster_resources().get("memory", 0)) or None
+    # a request above every node's memory would never be scheduled: cap it at the largest node's
+    cap = int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)) or None
     with ThreadPoolExecutor(8) as pool:  # header reads only
         requests = list(pool.map(decode_memory_request, (item["path"] for item in items)))
     groups: dict[int, list[dict]] = {}
