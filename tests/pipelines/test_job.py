@@ -115,3 +115,14 @@ def test_encoder_stage_isolates_a_bad_input():
     assert out["fail_reason"].tolist() == ["", "encode_error"] and out["fail_stage"][1] == "encode"
     assert np.linalg.norm(out["vision_raw"][0]) == pytest.approx(1, abs=1e-3) and not out["vision_raw"][1].any()
     assert np.linalg.norm(out["audio_raw"][0]) == pytest.approx(20, rel=1e-2)
+
+
+def test_encoder_dtype_enters_the_config_hash_only_when_not_fp32():
+    """A store written before `preprocess.encoder_dtype` existed keeps its hashes (no recompute); a
+    bf16 encoder's rows are recomputed."""
+    from pipelines.job import _config_hash
+
+    default, fp32 = load_config(None, []).preprocess, load_config(None, ["preprocess.encoder_dtype=float32"]).preprocess
+    bf16 = load_config(None, ["preprocess.encoder_dtype=bfloat16"]).preprocess
+    hashes = [_config_hash(pc, "imagebind-small", "random-init:0") for pc in (default, fp32, bf16)]
+    assert hashes[0] == hashes[1] != hashes[2]
