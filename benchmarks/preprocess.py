@@ -197,6 +197,7 @@ def encoder_only(args) -> None:
     if dtypes[0] != "float32":
         sys.exit(f"--dtypes must start with float32, the baseline (got {args.dtypes})")
     cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     runs: list[dict] = []
     for size in args.sizes.split(","):
         baseline = None
@@ -216,10 +217,11 @@ def encoder_only(args) -> None:
                          "speedup": None, "min_cosine_to_fp32": min_cosine(out, baseline),
                          "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None})  # fmt: skip
             runs[-1]["speedup"] = runs[-1]["clips_per_s"] / next(r for r in runs if r["size"] == size)["clips_per_s"]
+            if args.json:  # after each run: a time limit that stops the rest keeps these
+                args.json.write_text(json.dumps(dict(runs=runs, device=device, batch_size=n), indent=2))
             del stage
             if cuda:
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     table = Table(title=f"ImageBind encoder stage, batch {n} x {args.batches}, audio + vision per clip, {device}")
     for column in ("ImageBind (random init)", "dtype", "clips/s", "vs fp32", "min cosine to fp32", "peak memory (MB)"):
         table.add_column(column, justify="left" if column in ("ImageBind (random init)", "dtype") else "right")
@@ -227,8 +229,6 @@ def encoder_only(args) -> None:
         table.add_row(r["size"], r["dtype"], f"{r['clips_per_s']:.2f}", f"{r['speedup']:.2f}x",
                       f"{r['min_cosine_to_fp32']:.5f}", f"{r['peak_mb']:,.0f}" if r["peak_mb"] else "-")  # fmt: skip
     Console(width=140).print(table)
-    if args.json:
-        args.json.write_text(json.dumps(dict(runs=runs, device=device, batch_size=n), indent=2))
 
 
 def min_cosine(out: dict, baseline: dict) -> float:

@@ -185,6 +185,8 @@ def main() -> None:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results[variant] = dict(result, batch_size=batch, samples_per_s=result["tokens_per_s"] / mean_tokens)
+            if args.json:  # after each variant: a time limit that stops the rest keeps these
+                args.json.write_text(json.dumps(results, indent=2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     table = Table(title=f"training throughput: {args.model}, NF4 + LoRA, {args.steps} steps x batch {args.batch_size} ({device})")
     for column in ("variant", "batch", "tokens/s", "samples/s", "peak memory (MB)", "merg speed-up"):

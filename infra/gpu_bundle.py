@@ -10,7 +10,7 @@ writes, under `--out` (git-ignored):
                bitsandbytes cut to its CUDA 13 and CPU libraries, xz-compressed (~54 MiB);
   llm.tar.xz   the embedded LLM's config, tokenizer and chat template. Its weights (540 MB) do not fit
                the transfer: the check builds the same architecture at random init, for throughput;
-  clips/       4 generated 720p clips (~1.2 MiB) for the check's CPU decode rate (benchmarks/decode.py).
+  clips/       3 generated 720p clips (~1.8 MiB) for the check's CPU decode rate (benchmarks/decode.py).
 Ray (79 MB) and decord do not fit either: the check times the GPU stages directly, not the Ray job.
 """
 
@@ -106,7 +106,7 @@ def main() -> None:
     llm_files(args.out / "llm.tar.xz")
     from benchmarks.decode import make_clips
 
-    make_clips(args.out / "clips", 4)
+    make_clips(args.out / "clips", 3)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB (the transfer limit is 64 MiB with the source tree)")
 
