@@ -56,3 +56,10 @@ def test_meld_estimate_overlaps_cpu_decode_with_the_gpu_stages(check_out):
 def test_quick_summary_judges_nothing(check_out):
     text = summary(check_out, "llama3-tiny", quick=True)
     assert "no goal is judged" in text and "**met**" not in text and "**not met**" not in text
+
+
+def test_a_variant_the_time_limit_stopped_is_said_not_measured(check_out):
+    _write(check_out, "train", {"merg": {"tokens_per_s": 9000, "samples_per_s": 70.0, "batch_size": 16, "peak_mb": 40000}})
+    (check_out / "train.log").write_text("dialogues from MELD text\ntimed out after 150 s\n")
+    row = _row(summary(check_out, "llama3-8b"), "QLoRA NF4 + LoRA (all linear), hf")
+    assert "not measured: timed out after 150 s" in row and row.endswith("| not measured |")
