@@ -129,8 +129,10 @@ def main() -> None:
     if args.json:
         import json
 
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None  # the batched pass's
         args.json.write_text(json.dumps({"merg_examples_per_s": merg_rate, "reference_examples_per_s": ref_rate,
-                                         "ratio": merg_rate / ref_rate, "pair_cells": n}, indent=2))  # fmt: skip
+                                         "ratio": merg_rate / ref_rate, "pair_cells": n, "batch_size": args.batch_size,
+                                         "peak_mb": peak_mb}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ active-speaker stage on (`sync`), to show what it costs. With a GPU, (c) runs it
 the GPU and the table says so.
 
 `--encoder-only` times the job's encoder stage alone (the callable its Ray actors hold) on batches of
-decoded-shape inputs, per ImageBind size: what one GPU (or CPU) can encode, with no clips, no Ray.
+decoded-shape inputs, per ImageBind size and `--dtypes` (fp32 first: each other dtype's clips/s is
+divided by it and its embeddings compared with its cosine): what one GPU (or CPU) can encode, with no
+clips, no Ray.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import wave
@@ -103,6 +106,8 @@ def main() -> None:
                         help="only the encoder stage on decoded-shape batches, per size in --sizes (no clips, no Ray)")  # fmt: skip
     parser.add_argument("--batches", type=int, default=4, help="timed batches per size for --encoder-only")
     parser.add_argument("--sizes", default="small", help="ImageBind sizes for --pool-only / --encoder-only: small,huge (random init)")
+    parser.add_argument("--dtypes", default="float32",
+                        help="encoder dtypes for --encoder-only, float32 first (the baseline): float32,bfloat16,float16")  # fmt: skip
     parser.add_argument("--encoder-actors", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -172,7 +177,8 @@ def pool_only(args, root: Path, work: Path, gpus: float, clips: int) -> None:
 
 
 def encoder_only(args) -> None:
-    """The job's ImageBind stage on random decoded-shape batches (audio features and frames for every row)."""
+    """The job's ImageBind stage on random decoded-shape batches (audio features and frames for every row),
+    per size and dtype; each dtype's embeddings are compared with fp32's (same seed, same weights)."""
     import json
 
     import torch
@@ -187,32 +193,52 @@ def encoder_only(args) -> None:
              "frames": rng.integers(0, 256, (n, *_FRAMES_SHAPE), dtype=np.uint8),
              "fail_stage": np.full(n, "", object), "fail_reason": np.full(n, "", object),
              "fail_detail": np.full(n, "", object)}  # fmt: skip
+    dtypes = args.dtypes.split(",")
+    if dtypes[0] != "float32":
+        sys.exit(f"--dtypes must start with float32, the baseline (got {args.dtypes})")
     cuda = torch.cuda.is_available()
-    results: dict = {}
-    for size in args.sizes.split(","):
-        stage = ImageBindStage(checkpoint=None, size=size, seed=0)
-        out = stage(batch)  # warm-up (kernels, allocator)
-        assert not any(out["fail_reason"]), set(out["fail_detail"])
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            stage(batch)  # returns numpy: every batch has finished on the device
-        seconds = time.perf_counter() - start
-        results[size] = {"clips_per_s": n * args.batches / seconds,
-                         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}  # fmt: skip
-        del stage
-        if cuda:
-            torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    table = Table(title=f"ImageBind encoder stage, batch {n} x {args.batches}, audio + vision per clip, fp32, {device}")
-    for column in ("ImageBind (random init)", "clips/s", "peak memory (MB)"):
-        table.add_column(column, justify="left" if column.startswith("Image") else "right")
-    for size, r in results.items():
-        table.add_row(size, f"{r['clips_per_s']:.2f}", f"{r['peak_mb']:,.0f}" if r["peak_mb"] else "-")
+    runs: list[dict] = []
+    for size in args.sizes.split(","):
+        baseline = None
+        for dtype in dtypes:
+            stage = ImageBindStage(checkpoint=None, size=size, seed=0, dtype=dtype)
+            out = stage(batch)  # warm-up (kernels, allocator); its embeddings are compared with fp32's
+            if any(out["fail_reason"]):
+                sys.exit(f"ImageBind {size} in {dtype} failed: {set(out['fail_detail'])}")
+            baseline = baseline or out
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                stage(batch)  # returns numpy: every batch has finished on the device
+            seconds = time.perf_counter() - start
+            runs.append({"size": size, "dtype": dtype, "clips_per_s": n * args.batches / seconds,
+                         "speedup": None, "min_cosine_to_fp32": min_cosine(out, baseline),
+                         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None})  # fmt: skip
+            runs[-1]["speedup"] = runs[-1]["clips_per_s"] / next(r for r in runs if r["size"] == size)["clips_per_s"]
+            if args.json:  # after each run: a time limit that stops the rest keeps these
+                args.json.write_text(json.dumps(dict(runs=runs, device=device, batch_size=n), indent=2))
+            del stage
+            if cuda:
+                torch.cuda.empty_cache()
+    table = Table(title=f"ImageBind encoder stage, batch {n} x {args.batches}, audio + vision per clip, {device}")
+    for column in ("ImageBind (random init)", "dtype", "clips/s", "vs fp32", "min cosine to fp32", "peak memory (MB)"):
+        table.add_column(column, justify="left" if column in ("ImageBind (random init)", "dtype") else "right")
+    for r in runs:
+        table.add_row(r["size"], r["dtype"], f"{r['clips_per_s']:.2f}", f"{r['speedup']:.2f}x",
+                      f"{r['min_cosine_to_fp32']:.5f}", f"{r['peak_mb']:,.0f}" if r["peak_mb"] else "-")  # fmt: skip
     Console(width=140).print(table)
-    if args.json:
-        args.json.write_text(json.dumps(dict(results, device=device, batch_size=n), indent=2))
+
+
+def min_cosine(out: dict, baseline: dict) -> float:
+    """The smallest cosine similarity, over rows and both modalities, between two stage outputs."""
+    worst = 1.0
+    for column in ("audio_raw", "vision_raw"):
+        a, b = out[column].astype(np.float64), baseline[column].astype(np.float64)
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        worst = min(worst, float(cosine.min()))
+    return worst
 
 
 if __name__ == "__main__":

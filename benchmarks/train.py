@@ -12,7 +12,10 @@ number of examples seen:
 - reference: the reference notebooks' loop, one example per step (batch 1, no bucketing).
 Each variant runs in its own process (clean peak memory). Tokens/s counts real (non-pad) tokens over
 the time spent in training steps (the first, warm-up step included; setup, validation and checkpoint
-writes not).
+writes not); samples/s is tokens/s over the mean example length (real tokens). `--variants` picks
+some; a variant that runs out of GPU memory is rerun at half the batch (the table says which batch).
+`--model` may be a random-init folder of another architecture (`benchmarks/random_llm.py --arch
+llama3-8b`: the GPU check's 8B figures).
 """
 
 from __future__ import annotations
@@ -113,6 +116,19 @@ def run_variant(variant: str, args, root: Path) -> dict:
     return dict(tokens_per_s=tokens / (time.perf_counter() - start))
 
 
+def mean_example_tokens(args, root: Path) -> float:
+    """The mean length (real tokens) of the training examples, to turn tokens/s into samples/s."""
+    from transformers import AutoTokenizer
+
+    from infra.models import resolve_llm
+    from training.data import load_examples
+
+    cfg = config(args, root)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_llm(cfg.train.model, cfg.paths.model_cache))
+    examples = load_examples(Store.open(cfg.paths.store), cfg.train, "train", tokenizer)
+    return sum(len(e.encoded.input_ids) for e in examples) / len(examples)
+
+
 def single_process_env() -> dict:
     """This environment without a distributed launch's variables (a caller's process group, e.g. a test
     session's, would otherwise be joined, its port already taken): each variant is one process."""
@@ -132,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dialogues", type=int, default=60, help="first N MELD train dialogues")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -151,21 +168,33 @@ def main() -> None:
         root = Path(tmp)
         source = build_text_store(root / "store", "train", args.dialogues)
         print(f"dialogues from {source}")
+        mean_tokens = mean_example_tokens(args, root)
         results = {}
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--root", str(root), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--model", args.model]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=single_process_env())
+        for variant in args.variants.split(","):
+            batch = args.batch_size
+            while True:
+                cmd = [sys.executable, __file__, "--variant", variant, "--root", str(root), "--steps", str(args.steps),
+                       "--batch-size", str(batch), "--model", args.model]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=single_process_env())
+                if done.returncode and batch > 1 and "out of memory" in done.stderr.lower():
+                    print(f"{variant}: out of GPU memory at batch {batch}; again at batch {batch // 2}")
+                    batch //= 2
+                    continue
+                break
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
-            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results[variant] = dict(result, batch_size=batch, samples_per_s=result["tokens_per_s"] / mean_tokens)
+            if args.json:  # after each variant: a time limit that stops the rest keeps these
+                args.json.write_text(json.dumps(results, indent=2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     table = Table(title=f"training throughput: {args.model}, NF4 + LoRA, {args.steps} steps x batch {args.batch_size} ({device})")
-    for column in ("variant", "tokens/s", "peak memory (MB)", "merg speed-up"):
+    for column in ("variant", "batch", "tokens/s", "samples/s", "peak memory (MB)", "merg speed-up"):
         table.add_column(column, justify="right" if column != "variant" else "left")
+    first = next(iter(results.values()))
     for variant, r in results.items():
-        table.add_row(variant, f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:,.0f}",
-                      f"{results['merg']['tokens_per_s'] / r['tokens_per_s']:.2f}x")  # fmt: skip
+        table.add_row(variant, str(r["batch_size"]), f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:,.2f}", f"{r['peak_mb']:,.0f}",
+                      f"{results.get('merg', first)['tokens_per_s'] / r['tokens_per_s']:.2f}x")  # fmt: skip
     Console(width=120).print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -95,6 +95,9 @@ class PreprocessConfig(_Section):
     write_batch: int = Field(64, ge=1, description="rows per store commit")
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="ImageBind's compute dtype; bfloat16 on a GPU: see the GPU check for speed and cosine to fp32"
+    )
     fusion: Literal["mean_l2", "sum_raw", "concat"] = "mean_l2"
     asd_method: Literal["sync", "talknet", "none"] = Field("sync", description="speaker detection; none: centre crop")
     talknet_checkpoint: Path | None = Field(None, description="pretrain_TalkSet.model, for asd_method talknet")

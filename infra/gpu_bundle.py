@@ -9,7 +9,8 @@ writes, under `--out` (git-ignored):
                ones): wheels from the package index (sdist-only ones built here), unpacked, with
                bitsandbytes cut to its CUDA 13 and CPU libraries, xz-compressed (~54 MiB);
   llm.tar.xz   the embedded LLM's config, tokenizer and chat template. Its weights (540 MB) do not fit
-               the transfer: the check builds the same architecture at random init, for throughput.
+               the transfer: the check builds the same architecture at random init, for throughput;
+  clips/       3 generated 720p clips (~1.8 MiB) for the check's CPU decode rate (benchmarks/decode.py).
 Ray (79 MB) and decord do not fit either: the check times the GPU stages directly, not the Ray job.
 """
 
@@ -103,6 +104,9 @@ def main() -> None:
             sys.exit("tar failed")
     (args.out / "python-version").write_text(args.python + "\n")  # the check unpacks site.tar.xz only for this Python
     llm_files(args.out / "llm.tar.xz")
+    from benchmarks.decode import make_clips
+
+    make_clips(args.out / "clips", 3)
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB (the transfer limit is 64 MiB with the source tree)")
 

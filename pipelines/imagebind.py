@@ -45,6 +45,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 AUDIO_LOGIT_SCALE = 20.0  # ImageBind's audio postprocessor multiplies the unit vector by 20
 HUGE_TENSORS = 1311  # entries in imagebind_huge.pth
+# the encoder's compute dtype (`preprocess.encoder_dtype`): inputs are prepared in fp32, cast on the device
+ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,11 @@ class ImageBindEncoder:
     Outputs are what ImageBind's heads produce: vision unit vectors, audio unit vectors x 20.
     """
 
-    def __init__(self, checkpoint: str | None = None, size: str | None = None, seed: int = 0, device: str | None = None):
+    def __init__(self, checkpoint: str | None = None, size: str | None = None, seed: int = 0, device: str | None = None,
+                 dtype: str = "float32"):  # fmt: skip
         size = resolve_size(checkpoint, size)
+        if dtype not in ENCODER_DTYPES:
+            raise ValueError(f"unknown encoder dtype {dtype!r}: {', '.join(ENCODER_DTYPES)}")
         if size not in SIZES:
             raise ValueError(f"unknown ImageBind size {size!r}: {', '.join(SIZES)}")
         torch.manual_seed(seed)
@@ -221,16 +226,18 @@ class ImageBindEncoder:
         else:
             log.warning("ImageBind (%s) has no checkpoint: seeded random weights (random-init:%d)", size, seed)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        # weights are built and loaded in fp32 (the checkpoint's dtype), then cast: same seed, same values
+        self.dtype = ENCODER_DTYPES[dtype]
+        self.model.to(self.device, self.dtype)
 
     @torch.inference_mode()
     def encode_audio(self, features: np.ndarray) -> np.ndarray:
         """[B, 3, 1, 128, 204] -> [B, D]"""
-        x = torch.as_tensor(features, dtype=torch.float32, device=self.device)
+        x = torch.as_tensor(features, dtype=torch.float32, device=self.device).to(self.dtype)
         return self.model({"audio": x})["audio"].float().cpu().numpy()
 
     @torch.inference_mode()
     def encode_vision(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [B, clips, 2, H, W, 3] -> [B, D]"""
-        x = torch.stack([vision_inputs(f) for f in frames]).to(self.device)
+        x = torch.stack([vision_inputs(f) for f in frames]).to(self.device, self.dtype)
         return self.model({"vision": x})["vision"].float().cpu().numpy()

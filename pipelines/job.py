@@ -88,12 +88,12 @@ def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
 class ImageBindStage:
     """Actor stage: holds ImageBind; embeds the rows that have audio features and/or frames."""
 
-    def __init__(self, checkpoint: str | None, size: str | None, seed: int):
+    def __init__(self, checkpoint: str | None, size: str | None, seed: int, dtype: str = "float32"):
         import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(1)  # CPU actors share the machine with the decode tasks
-        self.encoder = ImageBindEncoder(checkpoint=checkpoint, size=size, seed=seed)
+        self.encoder = ImageBindEncoder(checkpoint=checkpoint, size=size, seed=seed, dtype=dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, dim = len(batch["key"]), self.encoder.embed_dim
@@ -189,6 +189,8 @@ def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
         asd_threshold=pc.asd_threshold, detect_every=pc.detect_every, crop_margin=pc.crop_margin,
         talknet=file_sha256(pc.talknet_checkpoint) if pc.talknet_checkpoint else None,
         s3fd=file_sha256(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None,
+        # only when not the default, so that stores written before the option keep their hashes
+        **({"encoder_dtype": pc.encoder_dtype} if pc.encoder_dtype != "float32" else {}),
     )  # fmt: skip
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -324,7 +326,7 @@ def _run_media(
             ImageBindStage,
             fn_constructor_kwargs=dict(
                 checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
-                size=pc.imagebind_size, seed=pc.seed,
+                size=pc.imagebind_size, seed=pc.seed, dtype=pc.encoder_dtype,
             ),
             # A GPU actor needs no CPU slot; a CPU actor takes none either, so that decode tasks (the
             # heavy part on CPU) can use every core; the encoder's work interleaves with theirs.

@@ -124,3 +124,16 @@ def test_encoder_outputs_imagebind_head_norms():
     np.testing.assert_allclose(np.linalg.norm(audio, axis=1), 20.0, rtol=1e-2)  # unit x logit scale 20
     again = ImageBindEncoder(seed=0).encode_audio(np.zeros((1, 3, 1, 128, 204), np.float32))
     np.testing.assert_allclose(again[0], audio[0], atol=1e-5)  # seeded: reproducible
+
+
+def test_encoder_dtype_casts_the_same_weights_and_rejects_unknown_ones():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 5, 2, 224, 224, 3), dtype=np.uint8)
+    fp32 = ImageBindEncoder(seed=0).encode_vision(frames)
+    bf16 = ImageBindEncoder(seed=0, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    out = bf16.encode_vision(frames)
+    assert out.dtype == np.float32  # the store's dtype whatever the compute dtype
+    cosine = (out * fp32).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(fp32, axis=1))
+    assert cosine.min() > 0.99
+    with pytest.raises(ValueError, match="encoder dtype"):
+        ImageBindEncoder(seed=0, dtype="int8")
