@@ -195,8 +195,8 @@ def test_browser_filters_opens_an_utterance_plays_and_shows_neighbours(served, t
         driver.find_elements(By.CSS_SELECTOR, "#rows tbody tr")[0].click()
         wait.until(ready.visibility_of_element_located((By.ID, "detail")))
         wait.until(lambda d: d.find_element(By.ID, "clip").get_attribute("src"))
-        # the video's source decodes in the browser: metadata loaded, a duration, no media error
-        wait.until(lambda d: d.execute_script("const v = document.getElementById('clip'); return v.readyState >= 1 && v.duration > 0 && !v.error;"))
+        # the video's source decodes in the browser: a first frame (readyState 2), a duration, no media error
+        wait.until(lambda d: d.execute_script("const v = document.getElementById('clip'); return v.readyState >= 2 && v.duration > 0 && !v.error;"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours li")) > 0)
         assert driver.find_element(By.ID, "speaker-box").is_displayed()
         driver.save_screenshot(str(artifacts / "explore.png"))
