@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 WARM_AFTER = 3  # `Store.similar` calls on one column before a process keeps its vectors warm
 META_COLUMNS = ("key", "split", "speaker", "emotion", "sentiment", "text", "face_visible")
 _BLAS = ThreadpoolController()
+
+
 @dataclass
 class _Rows:
     """The rows a filter keeps: a slice of the grouped matrix, or gathered copies."""
@@ -76,7 +78,7 @@ class WarmIndex:
     @classmethod
     def build(
         cls, store: "Store", column: str = "fused_emb", *, group_by: str = "emotion", exact_rows: int = 8192,
-        reduced_dim: int = 64, candidates: int = 256, target_recall: float = 0.99, seed: int = 0,
+        reduced_dim: int = 32, candidates: int = 256, target_recall: float = 0.99, seed: int = 0,
     ) -> "WarmIndex":  # fmt: skip
         """Read `column` (rows that have it) and its rows' scalar columns from `store` into memory."""
         start = time.perf_counter()
@@ -128,7 +130,8 @@ class WarmIndex:
         width = min(reduced_dim, dim)
         while True:
             self._projection = np.ascontiguousarray(components[:, :width])
-            self._reduced = np.ascontiguousarray((self.vectors - self._mean) @ self._projection)
+            # x @ P - mean @ P: centring the whole matrix first would copy it (600 MB at 150k x 1024-d)
+            self._reduced = self.vectors @ self._projection - self._mean @ self._projection
             everything = _Rows(np.arange(rows), self.vectors, self._reduced)
             found = [set(everything.positions[self._broad(everything, q, 10)[0]]) for q in queries]
             self.reduced_dim = width
@@ -226,7 +229,7 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _WARM: OrderedDict[tuple, WarmIndex | int] = OrderedDict()  # (root, pinned, column) -> index, or calls so far
-_KEEP_WARM = 2  # indexes kept per process (each holds a column's vectors)
+_KEEP_WARM = 3  # indexes kept per process, e.g. the explorer's three columns (each holds its vectors)
 
 
 def warm_index(store: "Store", column: str = "fused_emb", *, now: bool = False) -> "WarmIndex | None":
