@@ -204,3 +204,21 @@ def test_browser_filters_opens_an_utterance_plays_and_shows_neighbours(served, t
         assert (artifacts / "explore.png").stat().st_size > 1000
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_reply_box_calls_merg_reply_with_a_listed_run(explore_store, dialogue_store, tiny_llm, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from infra.explore.app import ExploreSources, create_app
+    from tests.conftest import train_config
+    from training import train
+
+    train(train_config(dialogue_store, tmp_path / "runs", tiny_llm, name="text", modality="text", max_steps=1, quantization="none"))
+    with TestClient(create_app(ExploreSources(store=explore_store, runs=tmp_path / "runs"))) as client:
+        assert client.get("/api/facets").json()["runs"] == ["text"]
+        key = _first(client)["key"]
+        result = client.post("/api/reply", json={"run": "text", "key": key})
+        assert result.status_code == 200, result.text
+        body = result.json()
+        assert body["used"] == "text" and isinstance(body["reply"], str) and body["history"][-1].endswith(_first(client)["text"])
