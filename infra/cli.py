@@ -648,9 +648,10 @@ def reply_command(
     box = "-" if result.speaker_box is None else ", ".join(f"{v:.2f}" for v in result.speaker_box)
     score = "-" if result.asd_score is None else f"{result.asd_score:.3f}"
     present = ", ".join(m for m, ok in result.modalities.items() if ok) or "none"
-    out.print(f"run {result.run} ({result.modality}); used {result.used}; clip modalities: {present}; "
-              f"speaker box {box} ({result.asd_method or '-'}, score {score}); encoder {result.encoder or '-'} "
-              f"({result.encoder_checkpoint or '-'}, {result.fusion or '-'})")  # fmt: skip
+    out.print(f"run {result.run} ({result.modality}); used {result.used}")
+    if result.encoder:  # a clip went through the encoder
+        out.print(f"clip {result.clip}: modalities {present}; speaker box {box} ({result.asd_method or '-'}, score {score}); "
+                  f"encoder {result.encoder} ({result.encoder_checkpoint}, {result.fusion})")  # fmt: skip
     for note in result.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
 

@@ -91,8 +91,8 @@ def test_cli_reply_prints_json_and_one_line_errors(runs, mini_meld):
     history = "Rachel: I got the job!\\nRoss: You did?"
     ok = runner.invoke(app, ["reply", "--run", str(runs["mm"]), "--clip", str(_clip(mini_meld, fault=None)), "--history", history, "--json"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.output)["used"] == "fused_emb"
+    assert json.loads(ok.stdout)["used"] == "fused_emb"  # logs go to stderr: stdout is the JSON alone
     missing = runner.invoke(app, ["reply", "--run", str(runs["mm"]), "--history", history])
     assert missing.exit_code == 2 and "error:" in missing.output and "--allow-text-only" in missing.output
     text = runner.invoke(app, ["reply", "--run", str(runs["text"]), "--history", history, "--speaker", "Rachel"])
-    assert text.exit_code == 0 and text.output.startswith("Rachel:")
+    assert text.exit_code == 0 and text.stdout.startswith("Rachel:") and "used text" in text.stdout
