@@ -12,8 +12,10 @@ stores nothing).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class Explorer:
         self.runs = self._run_table()
         self._repliers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._sheets = tempfile.TemporaryDirectory(prefix="merg-explore-sheets-")  # rendered contact sheets
 
     # ---- lookups built once ----------------------------------------------------------------------
     def _clip_table(self) -> dict[str, Path]:
@@ -144,6 +147,7 @@ class Explorer:
         row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
         row["failures"] = [dict(stage=f["stage"], reason=f["reason"], detail=f["detail"]) for f in self.failures.get(key, [])]
         row["clip_url"] = f"/media/clip/{key}" if key in self.clips else None
+        row["sheet_url"] = f"/media/sheet/{key}" if key in self.clips else None
         return row
 
     def similar(self, key: str, column: str, emotion: str | None, k: int) -> dict:
@@ -159,6 +163,18 @@ class Explorer:
         for item in items:
             item["clip_url"] = f"/media/clip/{item['key']}" if item["key"] in self.clips else None
         return dict(items=items, column=column, path="exact" if index._rows(where).reduced is None else "reduced+re-rank")
+
+    def sheet(self, key: str) -> Path | None:
+        """The contact sheet of a clip's face tracks, their scores and the chosen speaker (`merg asd
+        show`), rendered once into a temporary folder; named by a hash of the key."""
+        if key not in self.clips:
+            return None
+        target = Path(self._sheets.name) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.png"
+        if not target.exists():
+            from pipelines.asd.show import contact_sheet
+
+            contact_sheet(self.clips[key], target)
+        return target
 
     def results(self, sweep: str | None) -> dict:
         cells = self.store.read_records(EVAL_RESULTS, build_filter(sweep=sweep, status="done"))
@@ -260,6 +276,13 @@ def create_app(sources: ExploreSources):
         if path is None:
             raise not_found()
         return FileResponse(path, media_type="video/mp4")
+
+    @app.get("/media/sheet/{key:path}")
+    def sheet(key: str) -> FileResponse:
+        path = explorer.sheet(key)
+        if path is None:
+            raise not_found()
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/media/report/{name}")
     def report_file(name: str) -> FileResponse:

@@ -110,7 +110,7 @@ def test_utterance_page_neighbours_and_results(client):
         "/media/clip/../../etc/passwd", "/media/clip/%2e%2e/%2e%2e/etc/passwd", "/media/clip/..%2f..%2fetc%2fpasswd",
         "/media/clip//etc/passwd", "/media/clip/%2Fetc%2Fpasswd", "/media/clip/train/dia999_utt0",
         "/media/clip/train%2Fdia999_utt0", "/media/report/../report.md", "/media/report/%2e%2e%2fstore",
-        "/media/report/unknown.png", "/static/../app.py", "/static/%2e%2e%2fapp.py", "/static/index.html",
+        "/media/report/unknown.png", "/media/sheet/../../etc/passwd", "/media/sheet/train/dia999_utt0", "/static/../app.py", "/static/%2e%2e%2fapp.py", "/static/index.html",
         "/api/utterance/../../etc/passwd", "/api/utterance/train/dia999_utt0", "/api/similar/%2e%2e%2fx",
     ],
 )
@@ -204,6 +204,14 @@ def test_browser_filters_opens_an_utterance_plays_and_shows_neighbours(served, t
         assert (artifacts / "explore.png").stat().st_size > 1000
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_contact_sheet_of_tracks_by_key(client):
+    key = _first(client)["key"]
+    url = client.get(f"/api/utterance/{key}").json()["sheet_url"]
+    sheet = client.get(url)
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png" and sheet.content[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -77,6 +77,9 @@ async function openUtterance(key) {
   $("#no-clip").hidden = !!row.clip_url;
   if (row.clip_url) video.src = row.clip_url; else video.removeAttribute("src");
   drawBox(row.speaker_box);
+  $("#sheet").hidden = true;
+  $("#sheet-go").hidden = !row.sheet_url;
+  $("#sheet-go").onclick = () => { $("#sheet").src = row.sheet_url; $("#sheet").hidden = false; };
   fill($("#labels"), [["speaker", row.speaker], ["text", row.text], ["emotion", row.emotion], ["sentiment", row.sentiment],
     ["face visible", row.face_visible], ["speaker detection", `${row.asd_method ?? "-"} (score ${row.asd_score ?? "-"})`]]);
   fill($("#provenance"), ["encoder", "encoder_checkpoint", "fusion", "pipeline_version", "config_hash", "clip_sha256", "created_at"].map((k) => [k, row[k]]));
