@@ -121,8 +121,11 @@ class Explorer:
         for column, value in filters.items():
             if not value:
                 continue
-            if column == "failure":
-                mask = pc.and_(mask, pc.fill_null(pc.match_substring(self.rows.column("failure"), value), False))
+            if column == "failure":  # one of the row's reasons, exactly
+                reasons = self.rows.column("failure").to_pylist()
+                mask = pc.and_(mask, pa.array([value in (r or "").split(";") for r in reasons]))
+            elif column == "face_visible" and value == "unknown":
+                mask = pc.and_(mask, pc.is_null(self.rows.column(column)))
             elif column == "face_visible":
                 wanted = value.lower() in ("true", "1", "yes")
                 mask = pc.and_(mask, pc.fill_null(pc.equal(self.rows.column(column), wanted), False))

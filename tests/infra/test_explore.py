@@ -80,6 +80,9 @@ def test_facets_and_filtered_paging(client):
     assert page["total"] == facets["emotion"][emotion] and len(page["items"]) <= 2
     assert all(item["emotion"] == emotion and "clip_path" not in item for item in page["items"])
     assert client.get("/api/utterances", params={"failure": "truncated"}).json()["total"] == 1
+    assert client.get("/api/utterances", params={"failure": "trunc"}).json()["total"] == 0  # a reason, not a substring
+    visible = sum(client.get("/api/utterances", params={"face_visible": v}).json()["total"] for v in facets["face_visible"])
+    assert visible == facets["rows"]
     word = _first(client)["text"].split()[0]
     found = client.get("/api/utterances", params={"q": word.upper()}).json()
     assert found["total"] >= 1 and all(word.lower() in i["text"].lower() for i in found["items"])
