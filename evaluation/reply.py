@@ -121,6 +121,7 @@ class Replier:
         self.base_preprocess = preprocess or PreprocessConfig()
         self._embedder = None
         self._store_settings: dict | None = None
+        self.setup_notes: list[str] = []  # said with every reply that used the clip encoder
 
     @property
     def column(self) -> str | None:
@@ -132,6 +133,8 @@ class Replier:
             from pipelines.one_clip import ClipEmbedder
 
             self._store_settings = store_encoder_settings(self.info.store, self.column) if self.info.store else None
+            if self._store_settings is None:
+                self.setup_notes.append(f"the run's store ({self.info.store}) is not readable here: the clip is embedded with the config's encoder settings")
             self._embedder = ClipEmbedder(preprocess_for_run(self.base_preprocess, self._store_settings))
         return self._embedder
 
@@ -172,6 +175,7 @@ class Replier:
         if not Path(clip).is_file():
             raise ReplyError(f"no clip at {clip}")
         embedded = self.embedder()(clip)
+        result.notes.extend(self.setup_notes)
         result.modalities = {"audio": embedded.has_audio, "video": embedded.has_video}
         result.speaker_box, result.asd_method, result.asd_score = embedded.speaker_box, embedded.asd_method, embedded.asd_score
         result.face_visible = embedded.face_visible
