@@ -29,6 +29,12 @@ demo: $(STAMP)
 	$(MERG) evaluate train-emotion-classifier || echo "no MELD text: emotion scores use the NRC lexicon"
 	$(MERG) sweep -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store
 	$(MERG) report -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store --out $(DEMO_DIR)/report
+	@clip=$$($(VENV)/bin/python -c 'import json; rows = [json.loads(l) for l in open("$(DEMO_DIR)/mini-meld/ground_truth.jsonl")]; \
+		print(next("$(DEMO_DIR)/mini-meld/" + r["clip"] for r in rows if r["split"] == "test" and not r["fault"] and r["has_audio"]))'); \
+	reply="$(MERG) reply --run $(DEMO_DIR)/runs/smollm2-audio+video --clip $$clip --history 'Ross: I got the job!\nRachel: You did?' --speaker Ross"; \
+	echo "$$reply"; eval "$$reply" && \
+	echo "try it:  $$reply" && \
+	echo "explore: $(MERG) explore --store $(DEMO_DIR)/store --runs $(DEMO_DIR)/runs --report $(DEMO_DIR)/report   (then open http://127.0.0.1:8765/)"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

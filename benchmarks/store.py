@@ -1,13 +1,16 @@
 """Feature-store benchmark: Lance (through `Store`) against Parquet, at MELD size and 10x.
 
-    .venv/bin/python benchmarks/store.py [--rows 15000 150000] [--dim 1024] [--queries 50]
+    .venv/bin/python benchmarks/store.py [--rows 15000 150000] [--dim 1024] [--queries 50] [--similar-only]
 
 Per scale it prints one table:
 - emotion-filtered read of key + text + fused_emb: Lance (BITMAP index) vs the same data in one
   Parquet file read with pyarrow and then filtered (the baseline), and vs Parquet with predicate
   pushdown (`filters=`), for honesty;
 - `similar` k=10 with an emotion prefilter: exact, and with the IVF_PQ index (p50/p95 latency,
-  recall@10 of the indexed answer against the exact one);
+  recall@10 of the indexed answer against the exact one): the cold Lance path;
+- the same through the warm in-memory index (`Store.similar(..., warm=True)`, `featurestore/index.py`)
+  for a rare filter (fear, ~3%: its exact path) and a broad one (neutral, ~47%: its reduced path),
+  each against Lance's exact answer, beside Lance's own latency for that filter;
 - write throughput (rows/s) and the cost of an idempotent re-write of the same rows.
 """
 
@@ -25,6 +28,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from featurestore.index import warm_index
 from featurestore.store import Store
 from featurestore.synthetic import synthetic_utterances
 
@@ -50,6 +54,58 @@ def latencies(fn, queries: list[np.ndarray]) -> tuple[np.ndarray, list]:
     return np.array(seconds) * 1000, answers
 
 
+def recall_at_10(answers: list, exact: list) -> float:
+    return float(np.mean([
+        len(set(a.column("key").to_pylist()) & set(e.column("key").to_pylist())) / 10 for a, e in zip(answers, exact)
+    ]))  # fmt: skip
+
+
+def warm_vs_cold(store: Store, queries: list[np.ndarray]) -> tuple[dict, float, float]:
+    """`similar` k=10 through the warm index against Lance's exact answer, for a rare and a broad filter."""
+    warm_s, index = timed(lambda: warm_index(store, now=True))
+    measured = {}
+    for label in ("fear", "neutral"):
+        where = f"emotion = '{label}'"
+        cold_ms, cold = latencies(lambda q: store.similar(q, k=10, where=where, use_index=False, warm=False), queries)
+        hot_ms, hot = latencies(lambda q: store.similar(q, k=10, where=where, warm=True), queries * 4)  # cheap: 4 passes
+        hot = hot[: len(queries)]
+        path = "exact" if index._rows(where).reduced is None else f"{index.reduced_dim}-d scan + re-rank"
+        measured[label] = (index._rows(where).positions.size, path, hot_ms, cold_ms, recall_at_10(hot, cold))
+    return measured, warm_s, index.estimated_recall
+
+
+def add_warm_rows(table: Table, measured: dict, warm_s: float, estimated_recall: float) -> None:
+    for label, (n, path, hot_ms, cold_ms, hot_recall) in measured.items():
+        table.add_row(
+            f"similar k=10, warm index, {label} ({n:,} rows, {path}): p50 / p95 ms",
+            f"{np.median(hot_ms):.2f} / {np.percentile(hot_ms, 95):.2f}",
+            f"{np.median(cold_ms):.1f} / {np.percentile(cold_ms, 95):.1f} (Lance exact)",
+            f"{np.median(cold_ms) / np.median(hot_ms):.0f}x", "p50 <= 5 ms at 150k",
+        )  # fmt: skip
+        table.add_row(f"  recall@10 vs exact, {label}", f"{hot_recall:.3f}", "1.000", "", ">= 0.99")
+    table.add_row("warm index build (read + PCA + recall check), s", f"{warm_s:.1f}",
+                  f"estimated recall@10 {estimated_recall:.3f}", "", "")  # fmt: skip
+
+
+def bench_similar(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) -> Table:
+    """`--similar-only`: fused_emb alone, written in large batches; the `similar` rows only (cold Lance
+    exact vs the warm index), within ~4 GB and a few minutes at 150k rows."""
+    store = Store.open(workdir / "store", create=True, embedding_dim=dim)
+    step = 25_000
+    for start in range(0, rows, step):
+        store.write_utterances(synthetic_utterances(min(step, rows - start), dim, seed=start, start=start, modalities=False))
+    store.create_indexes(scalar=True)
+    keys = store.query(columns=["key"]).column("key").to_pylist()
+    rng = np.random.default_rng(1)
+    queries = [store.vector_of(keys[i]) for i in rng.choice(rows, n_queries, replace=False)]
+    table = Table(title=f"similar at {rows:,} rows x {dim}-d fused_emb (cold Lance vs warm in-memory index)")
+    for column in ("measure", "merg", "baseline", "ratio", "goal"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    add_warm_rows(table, *warm_vs_cold(store, queries))
+    console.print(table)
+    return table
+
+
 def bench(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) -> Table:
     data = synthetic_utterances(rows, dim, seed=0)
     batch = 5000
@@ -57,6 +113,8 @@ def bench(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) 
     write_s, _ = timed(lambda: [store.write_utterances(data.slice(i, batch)) for i in range(0, rows, batch)])
     rewrite_s, _ = timed(lambda: [store.write_utterances(data.slice(i, batch)) for i in range(0, rows, batch)])
     assert store.query(columns=["key"]).num_rows == rows
+    keys = data.column("key").to_pylist()
+    del data  # ~1.8 GB at 150k rows; the store holds it now
     parquet = workdir / "utterances.parquet"
     parquet_write_s, _ = timed(lambda: pq.write_table(store.query(), parquet))
     store.create_indexes(scalar=True)
@@ -77,15 +135,13 @@ def bench(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) 
     assert lance_rows.num_rows == base_rows.num_rows
 
     rng = np.random.default_rng(1)
-    keys = data.column("key").to_pylist()
     queries = [store.vector_of(keys[i]) for i in rng.choice(rows, n_queries, replace=False)]
     where = "emotion = 'sadness'"
     exact_ms, exact = latencies(lambda q: store.similar(q, k=10, where=where, use_index=False), queries)
     build_s, _ = timed(lambda: store.create_indexes(scalar=False, vectors=True))
-    index_ms, approx = latencies(lambda q: store.similar(q, k=10, where=where), queries)
-    recall = np.mean([
-        len(set(a.column("key").to_pylist()) & set(e.column("key").to_pylist())) / 10 for a, e in zip(approx, exact)
-    ])  # fmt: skip
+    index_ms, approx = latencies(lambda q: store.similar(q, k=10, where=where, warm=False), queries)
+    recall = recall_at_10(approx, exact)
+    warm = warm_vs_cold(store, queries)
 
     table = Table(title=f"feature store at {rows:,} rows x {dim}-d embeddings (3 vectors per row)")
     for column in ("measure", "merg (Lance)", "baseline", "ratio", "goal"):
@@ -105,6 +161,7 @@ def bench(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) 
     )  # fmt: skip
     table.add_row("recall@10, IVF_PQ (nprobes 64, refine 20) vs exact", f"{recall:.3f}", "1.000", "", ">= 0.95")
     table.add_row("IVF_PQ build, s", f"{build_s:.1f}", "", "", "")
+    add_warm_rows(table, *warm)
     table.add_row(
         "write, rows/s (5k-row upserts)", f"{rows / write_s:,.0f}", f"{rows / parquet_write_s:,.0f} (one Parquet file)",
         f"{(rows / write_s) / (rows / parquet_write_s):.2f}x", "",
@@ -120,12 +177,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[15_000, 150_000])
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--similar-only", action="store_true", help="only the similar rows (fused_emb alone)")
     args = parser.parse_args()
     console = Console(width=160)
     for rows in args.rows:
         workdir = Path(tempfile.mkdtemp(prefix=f"merg-bench-store-{rows}-"))
         try:
-            bench(rows, args.dim, args.queries, workdir, console)
+            (bench_similar if args.similar_only else bench)(rows, args.dim, args.queries, workdir, console)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

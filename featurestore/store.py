@@ -404,6 +404,7 @@ class Store:
         use_index: bool | None = None,
         nprobes: int = 64,
         refine_factor: int = 20,
+        warm: bool | None = None,
     ) -> pa.Table:
         """Nearest neighbours by cosine distance (`_distance`), prefiltered by `where`.
 
@@ -413,9 +414,22 @@ class Store:
         scatters the wanted rows over many partitions, so recall follows `nprobes`: the default
         probes every partition of an index built here up to ~260k rows (`benchmarks/store.py`
         measures recall and latency; lower `nprobes` trades the one for the other).
+
+        `warm=True` answers from an in-memory `featurestore.index.WarmIndex` (built on first use);
+        by default a process that asks about a column repeatedly (and leaves `use_index` unset)
+        gets one from its third call on; `warm=False` always asks Lance.
         """
         if column not in EMBEDDING_COLUMNS:
             raise ValueError(f"{column!r} is not an embedding column ({', '.join(EMBEDDING_COLUMNS)})")
+        if warm or (warm is None and use_index is None):
+            from featurestore.index import warm_index
+
+            index = warm_index(self, column, now=bool(warm))
+            if index is not None and set(columns) <= set(index.meta.column_names):
+                try:
+                    return index.similar(query, k, where=where, columns=columns)
+                except KeyError:
+                    pass  # a key without this vector: Lance's path says why
         exclude = None
         if isinstance(query, str):
             exclude, query = query, self.vector_of(query, column)

@@ -663,5 +663,70 @@ def store_export(
     out.print(f"wrote {table.num_rows} rows to {out_file}")
 
 
+# ---- merg reply -------------------------------------------------------------------------------------
+@app.command("reply")
+def reply_command(
+    run: Annotated[Path, typer.Option(help="A trained run folder (runs/NAME).")],
+    history: Annotated[str, typer.Option(help="The dialogue, one 'Speaker: text' per line (newlines or \\n).")],
+    clip: Annotated[Optional[Path], typer.Option(help="The last line's clip (any mp4); needed by multimodal runs.")] = None,
+    speaker: Annotated[Optional[str], typer.Option(help="Who replies (default: the last line's addressee).")] = None,
+    allow_text_only: Annotated[bool, typer.Option("--allow-text-only", help="If the clip gives the run no media, answer from the text.")] = False,
+    preset: Annotated[str, typer.Option(help="default | reference | sample.")] = "default",
+    imagebind_checkpoint: Annotated[Optional[Path], typer.Option(help="imagebind_huge.pth, if the run's store used it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Reply to a dialogue (and the last line's clip) with a trained run: decode -> speaker -> ImageBind
+    -> fuse (the preprocessing job's stages) -> projector -> LLM with the run's adapter."""
+    from evaluation.reply import ReplyError, reply
+
+    cfg = _config(config, overrides, preprocess__imagebind_checkpoint=imagebind_checkpoint)
+    try:
+        result = reply(run, history, clip, speaker, allow_text_only=allow_text_only, preprocess=cfg.preprocess, preset=preset)
+    except ReplyError as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(result.to_json())
+        return
+    out.print(f"[bold]{result.next_speaker}:[/bold] {result.reply}")
+    box = "-" if result.speaker_box is None else ", ".join(f"{v:.2f}" for v in result.speaker_box)
+    score = "-" if result.asd_score is None else f"{result.asd_score:.3f}"
+    present = ", ".join(m for m, ok in result.modalities.items() if ok) or "none"
+    out.print(f"run {result.run} ({result.modality}); used {result.used}")
+    if result.encoder:  # a clip went through the encoder
+        out.print(f"clip {result.clip}: modalities {present}; speaker box {box} ({result.asd_method or '-'}, score {score}); "
+                  f"encoder {result.encoder} ({result.encoder_checkpoint}, {result.fusion})")  # fmt: skip
+    for note in result.notes:
+        out.print(f"[yellow]note:[/yellow] {note}")
+
+
+# ---- merg explore -----------------------------------------------------------------------------------
+@app.command("explore")
+def explore_command(
+    store: StoreOpt = None,
+    meld_root: Annotated[Optional[Path], typer.Option(help="MELD root, where the store rows' clip paths are gone.")] = None,
+    runs: Annotated[Optional[Path], typer.Option(help="Runs folder for the reply box (default: paths.runs).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="A `merg report` folder to show.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the store.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    config: ConfigOpt = None,
+) -> None:
+    """A local, read-only web app: utterances with their clips and speaker boxes, neighbours, sweep results, replies."""
+    import uvicorn
+
+    from infra.explore.app import ExploreSources, create_app
+
+    cfg = _config(config, None)
+    root = store or cfg.paths.store
+    _open_store(root)  # one-line error for a missing or unreadable store
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print(f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this address can read the store and its clips")
+    app_ = create_app(ExploreSources(store=root, meld_root=meld_root, runs=runs or cfg.paths.runs, report=report))
+    out.print(f"merg explore: http://{host}:{port}/  (Ctrl-C to stop)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 if __name__ == "__main__":
     main()

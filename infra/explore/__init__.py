@@ -1,0 +1,1 @@
+"""`merg explore`: the local web app over the store (see `app.py`)."""
