@@ -13,25 +13,29 @@ TORCH_SPEC=${MERG_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# --- system packages: espeak-ng (speech for mini-MELD), ffmpeg (clip muxing) -------------------
-missing=()
-command -v espeak-ng >/dev/null || missing+=(espeak-ng)
-command -v ffmpeg >/dev/null || missing+=(ffmpeg)
-# headless browser for the explorer's page test (skipped with its reason where absent)
-command -v chromium >/dev/null || missing+=(chromium)
-command -v chromedriver >/dev/null || missing+=(chromium-driver)
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    say "installing system packages: ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
-    say "installing system packages with sudo: ${missing[*]}"
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    say "WARNING: missing system packages: ${missing[*]} (install them with your package manager);"
-    say "         the mini-MELD generator needs both, everything else runs without them."
+# --- system packages: espeak-ng (speech for mini-MELD), ffmpeg (clip muxing); chromium and its
+# driver for the browser tests of the report and the explorer (optional: those tests skip without them)
+apt_install() {  # apt_install required|optional PACKAGE...
+  local kind=$1; shift
+  ((${#@})) || return 0
+  local sudo=()
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null && sudo=(sudo) || { say "WARNING: missing $kind system packages: $* (install them with your package manager)"; return 0; }
   fi
-fi
+  command -v apt-get >/dev/null || { say "WARNING: missing $kind system packages: $* (no apt-get here)"; return 0; }
+  say "installing $kind system packages: $*"
+  if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }; then
+    [ "$kind" = optional ] && { say "WARNING: could not install $* (their tests will skip)"; return 0; }
+    say "could not install $* with apt-get (see its message above)"; return 1
+  fi
+}
+required=() optional=()
+command -v espeak-ng >/dev/null || required+=(espeak-ng)
+command -v ffmpeg >/dev/null || required+=(ffmpeg)
+command -v chromium >/dev/null || optional+=(chromium)
+command -v chromedriver >/dev/null || optional+=(chromium-driver)
+apt_install required "${required[@]}"
+apt_install optional "${optional[@]}"
 
 # Present is not enough: each tool must start (a half-configured apt install leaves one that dies).
 bash infra/check_system.sh tools || { say "fix the tools above, then run make again"; exit 1; }
