@@ -13,10 +13,11 @@ TORCH_SPEC=${MERG_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# --- system packages: espeak-ng (speech for mini-MELD), ffmpeg (clip muxing) -------------------
+# --- system packages: espeak-ng (speech for mini-MELD), ffmpeg (clip muxing), chromium (report check) -
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing system packages: ${missing[*]}"
@@ -26,7 +27,7 @@ if ((${#missing[@]})); then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
     say "WARNING: missing system packages: ${missing[*]} (install them with your package manager);"
-    say "         the mini-MELD generator needs both, everything else runs without them."
+    say "         the mini-MELD generator needs espeak-ng and ffmpeg, the report's browser test chromium."
   fi
 fi
 
