@@ -5,7 +5,7 @@
 For every two cells of the same split and decoding preset, and each per-pair metric, the difference
 (first minus second) with a paired bootstrap 95% interval and an approximate-randomisation p-value
 (each pair's two values swapped at random, Noreen 1989); then Holm's correction over every test of the
-report. A difference is called significant only when its Holm-adjusted p < `ALPHA`; otherwise "no
+report (with enough randomisation rounds that the smallest p can pass it). A difference is called significant only when its Holm-adjusted p < `ALPHA`; otherwise "no
 difference detected" (not "equal"). Cells whose replies are identical pair for pair are not tested.
 
 Every metric is a ratio of sums over pairs, f(sum num / sum den): a mean has den = 1, perplexity is
@@ -65,7 +65,8 @@ def paired_test(
     first: np.ndarray, second: np.ndarray, transform=lambda x: x, *, samples: int = 1000, seed: int = 0
 ) -> tuple[float, tuple[float, float], float]:
     """(difference, bootstrap 95% interval, randomisation p) of transform(sum num / sum den) between two
-    systems; `first`, `second`: (n, 2) arrays of each pair's numerator and denominator."""
+    systems; `first`, `second`: (n, 2) arrays of each pair's numerator and denominator. `samples`
+    randomisation rounds; the interval from min(samples, 2000) bootstrap resamples."""
     rng = np.random.default_rng(seed)
     n = len(first)
 
@@ -73,16 +74,25 @@ def paired_test(
         return transform(sums_a[..., 0] / sums_a[..., 1]) - transform(sums_b[..., 0] / sums_b[..., 1])
 
     observed = float(stat(first.sum(0), second.sum(0)))
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)  # bootstrap weights
-    boot = stat(np.einsum("sn,nk->sk", counts, first), np.einsum("sn,nk->sk", counts, second))
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(samples, 2000)).astype(np.float64)  # bootstrap weights
+    boot = stat(counts @ first, counts @ second)
     lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-    swap = rng.random((samples, n)) < 0.5
-    delta = second - first
-    swapped_a = first.sum(0) + np.einsum("sn,nk->sk", swap, delta)
-    swapped_b = second.sum(0) - np.einsum("sn,nk->sk", swap, delta)
-    extreme = np.abs(stat(swapped_a, swapped_b)) >= abs(observed) - 1e-12
-    p = float((extreme.sum() + 1) / (samples + 1))
+    delta, extreme = second - first, 0
+    for start in range(0, samples, _CHUNK):  # swap each pair's two values at random, in chunks (memory)
+        swap = (rng.random((min(_CHUNK, samples - start), n)) < 0.5).astype(np.float64)
+        shifted = swap @ delta
+        extreme += int((np.abs(stat(first.sum(0) + shifted, second.sum(0) - shifted)) >= abs(observed) - 1e-12).sum())
+    p = float((extreme + 1) / (samples + 1))
     return observed, (float(lo), float(hi)), p
+
+
+_CHUNK = 2000
+
+
+def randomisation_rounds(tests: int, samples: int) -> int:
+    """Enough rounds that the smallest p (1 / (rounds + 1)) can pass Holm's first threshold ALPHA / tests
+    by a factor of 10; at least `samples`."""
+    return max(samples, int(np.ceil(10 * tests / ALPHA)))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -106,7 +116,7 @@ def compare_cells(
 ) -> tuple[list[Comparison], list[tuple[dict, dict]]]:
     """Every comparison (Holm-adjusted together) and the pairs of cells skipped as identical.
     `outputs_by_cell`: cell id -> key -> eval_outputs row; `cells`: eval_results rows."""
-    comparisons, identical = [], []
+    jobs, identical = [], []
     for i, first in enumerate(cells):
         for second in cells[i + 1 :]:
             if (first["split"], first["preset"]) != (second["split"], second["preset"]):
@@ -117,11 +127,13 @@ def compare_cells(
             keys = sorted(outputs_by_cell[first["cell"]].keys() & outputs_by_cell[second["cell"]].keys())
             if len(keys) < 2:
                 continue
-            for metric in PAIRED_METRICS:
-                a, b = (np.array([metric.per_pair(outputs_by_cell[c["cell"]][k]) for k in keys], dtype=np.float64)
-                        for c in (first, second))  # fmt: skip
-                difference, ci, p = paired_test(a, b, metric.transform, samples=samples, seed=seed)
-                comparisons.append(Comparison(first, second, metric.name, len(keys), difference, ci, p))
+            jobs += [(first, second, metric, keys) for metric in PAIRED_METRICS]
+    rounds = randomisation_rounds(len(jobs), samples)
+    comparisons = []
+    for first, second, metric, keys in jobs:
+        a, b = (np.array([metric.per_pair(outputs_by_cell[c["cell"]][k]) for k in keys], dtype=np.float64) for c in (first, second))
+        difference, ci, p = paired_test(a, b, metric.transform, samples=rounds, seed=seed)
+        comparisons.append(Comparison(first, second, metric.name, len(keys), difference, ci, p))
     for comparison, adjusted in zip(comparisons, holm([c.p for c in comparisons])):
         comparison.p_holm = adjusted
     return comparisons, identical

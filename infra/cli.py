@@ -390,6 +390,29 @@ def sweep_command(
     _print_results(cfg.paths.store, report.cell_ids)
 
 
+@app.command("probe")
+def probe_command(
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    feature: Annotated[Optional[list[str]], typer.Option(help="text, audio_emb, vision_emb, fused_emb (repeatable; default all).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Probe again even where the same probe is stored.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Emotion probe of the store: logistic regression per feature (train / C on dev / test), stored in probe_results."""
+    from evaluation.probe import FEATURES, probe, probe_table
+
+    unknown = set(feature or []) - set(FEATURES)
+    if unknown:
+        raise typer.BadParameter(f"unknown feature(s) {sorted(unknown)}: choose from {', '.join(FEATURES)}")
+    rows = probe(_open_store(store, config=config), feature or FEATURES, force=force)
+    header, body = probe_table(rows)
+    table = Table(title="emotion probe (test; 95% bootstrap intervals; anchors: MELD text W-F1 0.64-0.70, TelME multimodal 0.674)")
+    for column in header:
+        table.add_column(column)
+    for row in body:
+        table.add_row(*row)
+    out.print(table)
+
+
 @app.command("report")
 def report_command(
     sweep: Annotated[Optional[str], typer.Option(help="Sweep name (default: every result in the store).")] = None,
