@@ -27,6 +27,7 @@ demo: $(STAMP)
 		--modality text --name smollm2-text
 	$(MERG) evaluate train-emotion-classifier || echo "no MELD text: emotion scores use the NRC lexicon"
 	$(MERG) sweep -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store
+	$(MERG) probe --store $(DEMO_DIR)/store
 	$(MERG) report -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store --out $(DEMO_DIR)/report
 
 test: $(STAMP)

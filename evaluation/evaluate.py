@@ -23,10 +23,9 @@ import torch
 
 from evaluation.generate import PRESETS, Pair, first_sentence, generate_and_score, score_without_context
 from evaluation.metrics import bootstrap_ci, distinct_n, perplexity, sentiment_alignment, vader_compound
-from evaluation.metrics.copying import COPY_THRESHOLD, copy_statistics
-from evaluation.metrics.distinct import reply_distinct_n
 from evaluation.metrics.bertscore import BertScorer
-from evaluation.metrics.distinct import TOKENIZER
+from evaluation.metrics.copying import COPY_THRESHOLD, copy_statistics
+from evaluation.metrics.distinct import TOKENIZER, reply_distinct_n
 from evaluation.metrics.emotion import emotion_alignment, load_emotion_backend
 from featurestore.schema import EMOTIONS
 from featurestore.store import Store
@@ -35,6 +34,8 @@ from infra.models import embedded_llm_dir, resolve_llm
 
 log = logging.getLogger(__name__)
 
+# bumped when a metric's definition changes, so stored cells computed the old way are not reused
+METRICS_VERSION = 2
 COLUMNS = {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}
 
 
@@ -57,10 +58,6 @@ class Cell:
                            inputs.pretrained.get(self.system.model) if self.system.run is None else None,
                            METRICS_VERSION], sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# bumped when a metric's definition changes, so stored cells computed the old way are not reused
-METRICS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -243,7 +240,7 @@ def evaluate_cell(
     ref_label = [EMOTIONS[i] for i in p_ref.argmax(axis=1)]
     correct = np.array([a == b for a, b in zip(reply_label, next_emotions)], dtype=np.float64)
     matches_reference = np.array([a == b for a, b in zip(reply_label, ref_label)], dtype=np.float64)
-    copying, _ = copy_statistics(replies, histories)
+    copying = copy_statistics(replies, histories)
     dist1_reply, dist2_reply = reply_distinct_n(replies, 1), reply_distinct_n(replies, 2)
 
     n = len(pairs)

@@ -34,13 +34,11 @@ def copied_share(reply: str, history: Sequence[str]) -> float:
     return match.size / len(reply)
 
 
-def copy_statistics(replies: Sequence[str], histories: Sequence[Sequence[str]]) -> tuple[dict, np.ndarray]:
-    """Shares of copying, scaffold and empty replies, the number of distinct replies, and per reply
-    whether it is degenerate (copy, scaffold or empty)."""
+def copy_statistics(replies: Sequence[str], histories: Sequence[Sequence[str]]) -> dict:
+    """Shares of copying, scaffold and empty replies, and the number of distinct replies."""
     empty = np.array([not _normal(r) for r in replies])
     copy = np.array([copied_share(r, h) >= COPY_THRESHOLD for r, h in zip(replies, histories)]) & ~empty
     scaffold = np.array([bool(SCAFFOLD.match(r or "")) for r in replies])
     n = max(1, len(replies))
-    stats = dict(copy_share=float(copy.sum() / n), scaffold_share=float(scaffold.sum() / n),
-                 empty_share=float(empty.sum() / n), distinct_replies=len({_normal(r) for r in replies}))  # fmt: skip
-    return stats, copy | scaffold | empty
+    return dict(copy_share=float(copy.sum() / n), scaffold_share=float(scaffold.sum() / n),
+                empty_share=float(empty.sum() / n), distinct_replies=len({_normal(r) for r in replies}))  # fmt: skip

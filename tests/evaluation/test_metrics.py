@@ -95,3 +95,12 @@ def test_per_reply_distinct_excludes_replies_without_ngrams():
     per_reply = reply_distinct_n(["yes", "no no", ""], 2)
     assert np.isnan(per_reply[0]) and per_reply[1] == 1.0 and np.isnan(per_reply[2])
     assert mean_distinct_n(["yes", "a b a b"], 2) == pytest.approx(2 / 3)  # "yes" neither counts nor drags to 0
+
+
+def test_copy_statistics_count_history_copies_prompt_scaffold_and_blanks():
+    from evaluation.metrics.copying import copy_statistics
+
+    history = ["Rachel: I got the job at the museum!", "Ross: No way, that is amazing."]
+    replies = ["Rachel: I got the job at the museum!", "Dialogue: Ross said hi", "", "Congratulations, Rachel!"]
+    stats = copy_statistics(replies, [history] * 4)
+    assert stats == dict(copy_share=0.25, scaffold_share=0.25, empty_share=0.25, distinct_replies=4)

@@ -26,7 +26,7 @@ def _cell(store: Store, cell: str, system: str, modality: str, replies: list[str
         for k, r, b in zip(KEYS, replies, bert)])  # fmt: skip
     from evaluation.metrics.copying import copy_statistics
 
-    copying, _ = copy_statistics(replies, [HISTORY] * len(replies))
+    copying = copy_statistics(replies, [HISTORY] * len(replies))
     metric = lambda v: {"value": float(v), "ci": [float(v) - 0.05, float(v) + 0.05]}  # noqa: E731
     metrics = {k: metric(bert.mean()) for k in ("ppl", "dist1", "dist2", "bertscore_f1", "emotion", "sentiment", "empathy",
                                                 "emotion_accuracy", "emotion_label_match", "ref_self_ppl", "ref_uncond_ppl",
