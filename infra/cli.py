@@ -299,7 +299,7 @@ def _print_results(store_root: Path, cells: list[str]) -> None:
     if not cells:
         return
     rows = Store.open(store_root).read_records(EVAL_RESULTS, build_filter(cell=cells)).to_pylist()
-    table = Table(title="evaluation (standard definitions; mean over the pairs)")
+    table = Table(title="evaluation (standard definitions; PPL a corpus ratio, the rest means over the pairs)")
     names = [("PPL", "ppl"), ("Dist-2", "dist2"), ("BERTScore F1", "bertscore_f1"), ("Emotion", "emotion"),
              ("Sentiment", "sentiment"), ("Empathy", "empathy")]  # fmt: skip
     for column in ["system", "decoding", "split", "N", *(n for n, _ in names)]:
