@@ -171,8 +171,12 @@ def _label(result: dict) -> str:
 def _comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     header = ["A", "B", "Metric", "N", "A − B (95% interval)", "p", "p (Holm)", "Verdict"]
     body = [[_label(c.first), _label(c.second), c.metric, str(c.pairs), _fmt({"value": c.difference, "ci": list(c.ci)}),
-             f"{c.p:.3f}", f"{c.p_holm:.3f}", c.verdict] for c in comparisons]  # fmt: skip
+             _fmt_p(c.p), _fmt_p(c.p_holm), c.verdict] for c in comparisons]  # fmt: skip
     return header, body
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _column_meanings(target: str) -> list[str]:

@@ -10,6 +10,7 @@ from featurestore.schema import EMOTIONS, PROBE_RESULTS
 from featurestore.store import Store
 
 
+@pytest.mark.slow
 def test_probe_scores_every_feature_against_the_majority_baseline_and_is_reused(eval_store):
     store = Store.open(eval_store)
     rows = probe(store, samples=50, cs=(1.0,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from infra.cli import app
@@ -44,6 +45,7 @@ def test_clear_errors(dialogue_store, tmp_path):
     assert result.exit_code != 0 and "no HF model folder" in result.output
 
 
+@pytest.mark.slow
 def test_probe_prints_the_table_and_rejects_unknown_features(dialogue_store, tmp_path):
     store = shutil.copytree(dialogue_store, tmp_path / "store")
     result = runner.invoke(app, ["probe", "--store", str(store), "--feature", "fused_emb"])
