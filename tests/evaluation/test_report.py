@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evaluation import report
-from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS, SWEEP_CELLS
+from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS, PROBE_RESULTS, SWEEP_CELLS
 from featurestore.store import Store
 
 KEYS = [f"test/dia{i}_utt0" for i in range(40)]
@@ -47,6 +47,11 @@ def reported(eval_store, tmp_path):
     _cell(store, "c-pre", "pretrained", "text", [copy] * 40, 0.5)
     _cell(store, "c-same", "pretrained", "text", [copy] * 40, 0.5, preset="reference")
     _cell(store, "c-same2", "pretrained twin", "text", [copy] * 40, 0.5, preset="reference")
+    score = {"value": 0.3, "ci": [0.2, 0.4]}
+    probe_metrics = dict(C=1.0, test={"weighted_f1": score, "accuracy": score}, majority={"weighted_f1": score, "accuracy": score},
+                         per_class_f1={"neutral": 0.5})  # fmt: skip
+    store.write_records(PROBE_RESULTS, [dict(id="p1", feature="fused_emb", encoder="imagebind", status="done",
+                                             sizes=json.dumps({"train": 48, "dev": 8, "test": 8}), metrics=json.dumps(probe_metrics))])  # fmt: skip
     return report(store, "renamed", tmp_path / "report", samples=200)
 
 
@@ -62,6 +67,7 @@ def test_report_lists_a_sweeps_members_with_comparisons_and_copy_statistics(repo
     assert "† pretrained (default/test): history-based metrics reward its copying" in markdown
     assert "produced the same replies pair for pair" in markdown
     assert "| pretrained | default | test | 40 | 100% | 100% | 0% | 1 |" in markdown  # copies, scaffold, empty, distinct
+    assert "| fused_emb | imagebind | 48/8/8 | 1 | 0.300 (0.200–0.400) |" in markdown and "TelME" in markdown
 
 
 @pytest.mark.slow
