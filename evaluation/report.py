@@ -1,10 +1,15 @@
 """`report(store, sweep, out_dir)`: `report.md` + `report.html` with tables, plots and examples.
 
 Tables in the reference system's layout (Method / Model / PPL / Dist-2 / BERTScore F1 / Emotion /
-Sentiment / Empathy), once with merg's standard definitions and once with the reference system's,
-each value with its bootstrap 95% interval; bar charts with the intervals; the confusion of the
-reply's emotion against the reference's per system; a few dialogues with every system's reply; and
-the notes on stand-in or random-init models behind any number.
+Sentiment / Empathy), once with merg's standard definitions and once with the reference system's
+formulas (with merg's models), each value with its bootstrap 95% interval and each column's one
+meaning stated; copy and degenerate-reply statistics (history-based metrics flagged where copying is
+common; cells with identical replies named); paired comparisons between cells on the same pairs
+(`evaluation.compare`: Holm-corrected, "no difference detected" where none is) and the audio+video vs
+text-only question on its own; the store's emotion probe (`merg probe`); bar charts with the
+intervals; the confusion of the reply's emotion against the reference reply's per system; a few
+dialogues with every system's reply; and the stand-ins and gaps (zero-vector pairs) behind any number.
+Markdown and HTML are rendered from the same sections.
 """
 
 from __future__ import annotations
@@ -12,12 +17,11 @@ from __future__ import annotations
 import html
 import json
 import re
-from itertools import groupby
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from evaluation.compare import ALPHA, Comparison, compare_cells, modality_comparisons
 from featurestore.schema import EMOTIONS, EVAL_OUTPUTS, EVAL_RESULTS, PROBE_RESULTS, SWEEP_CELLS
@@ -94,7 +98,7 @@ def _bar_charts(done: list[dict], out: Path) -> Path:
     return path
 
 
-def _confusion(store: Store, done: list[dict], out: Path) -> Path:
+def _confusion(outputs: dict[str, dict[str, dict]], done: list[dict], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,10 +106,9 @@ def _confusion(store: Store, done: list[dict], out: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(done), figsize=(4.2 * len(done), 4.2), squeeze=False)
     for ax, result in zip(axes[0], done):
-        outputs = store.read_records(EVAL_OUTPUTS, build_filter(cell=result["cell"]), ["reply_emotion", "reference_emotion"])
         matrix = np.zeros((len(EMOTIONS), len(EMOTIONS)))
-        for reply, ref in zip(*(outputs.column(c).to_pylist() for c in ("reply_emotion", "reference_emotion"))):
-            matrix[EMOTIONS.index(ref), EMOTIONS.index(reply)] += 1
+        for row in outputs[result["cell"]].values():
+            matrix[EMOTIONS.index(row["reference_emotion"]), EMOTIONS.index(row["reply_emotion"])] += 1
         ax.imshow(matrix, cmap="Blues")
         for (i, j), v in np.ndenumerate(matrix):
             if v:
@@ -122,17 +125,15 @@ def _confusion(store: Store, done: list[dict], out: Path) -> Path:
     return path
 
 
-def _examples(store: Store, done: list[dict], count: int) -> list[dict]:
-    """A few pairs every reported cell answered: the dialogue, the reference, each system's reply."""
-    per_cell = {r["cell"]: store.read_records(EVAL_OUTPUTS, build_filter(cell=r["cell"])) for r in done}
-    common = set.intersection(*(set(t.column("key").to_pylist()) for t in per_cell.values())) if per_cell else set()
+def _examples(outputs: dict[str, dict[str, dict]], done: list[dict], count: int) -> list[dict]:
+    """A few pairs every reported cell answered: the dialogue, the reference, each system's reply.
+    `outputs`: cell id -> key -> eval_outputs row."""
+    common = set.intersection(*(set(outputs[r["cell"]]) for r in done)) if done else set()
     examples = []
     for key in sorted(common)[:count]:
-        replies = {}
-        for result in done:
-            table = per_cell[result["cell"]]
-            row = table.filter(pc.equal(table.column("key"), key)).to_pylist()[0]
-            replies[f"{result['system']} ({result['preset']})"] = row["reply"]
+        rows = {f"{r['system']} ({r['preset']})": outputs[r["cell"]][key] for r in done}
+        row = next(iter(rows.values()))
+        replies = {system: r["reply"] for system, r in rows.items()}
         examples.append(dict(key=key, history=row["history"], next_speaker=row["next_speaker"], reference=row["reference"], replies=replies))
     return examples
 
@@ -229,8 +230,8 @@ def report(store: Store, sweep: str | None, out_dir: Path, examples: int = 3, sa
     failed = [r for r in results if r["status"] != "done"]
     if not results:
         raise ValueError(f"no evaluation results{f' for sweep {sweep!r}' if sweep else ''} in {store.root}: run `merg sweep` first")
-    images = [_bar_charts(done, out_dir), _confusion(store, done, out_dir)] if done else []
     outputs = {r["cell"]: {row["key"]: row for row in store.read_records(EVAL_OUTPUTS, build_filter(cell=r["cell"])).to_pylist()} for r in done}
+    images = [_bar_charts(done, out_dir), _confusion(outputs, done, out_dir)] if done else []
     comparisons, identical = compare_cells(outputs, done, samples=samples)
     flagged = {r["cell"] for r in done if _copies_much(r)}
     notes = sorted({n for r in done if r["notes"] for n in r["notes"].split("; ")})
@@ -261,7 +262,7 @@ def report(store: Store, sweep: str | None, out_dir: Path, examples: int = 3, sa
     if notes:
         sections.append(Section("Stand-ins and gaps behind these numbers", [f"- {n}" for n in notes], [], []))
     sections.append(Section("Plots (bars: bootstrap 95% intervals)", [], [], images))
-    sections.append(Section("Examples", _example_lines(_examples(store, done, examples)), [], []))
+    sections.append(Section("Examples", _example_lines(_examples(outputs, done, examples)), [], []))
     if failed:
         sections.append(Section("Failed cells", [f"- {r['system']} / {r['preset']} / {r['split']}: {r['error']}" for r in failed], [], []))
     markdown = out_dir / "report.md"
