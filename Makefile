@@ -28,6 +28,7 @@ demo: $(STAMP)
 		--modality text --name smollm2-text
 	$(MERG) evaluate train-emotion-classifier || echo "no MELD text: emotion scores use the NRC lexicon"
 	$(MERG) sweep -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store
+	$(MERG) probe --store $(DEMO_DIR)/store
 	$(MERG) report -c configs/sweeps/demo.yaml --store $(DEMO_DIR)/store --out $(DEMO_DIR)/report
 	@clip=$$($(VENV)/bin/python -c 'import json; rows = [json.loads(l) for l in open("$(DEMO_DIR)/mini-meld/ground_truth.jsonl")]; \
 		print(next("$(DEMO_DIR)/mini-meld/" + r["clip"] for r in rows if r["split"] == "test" and not r["fault"] and r["has_audio"]))'); \

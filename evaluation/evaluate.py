@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from evaluation.generate import PRESETS, Pair, first_sentence, generate_and_score, score_without_context
-from evaluation.metrics import bootstrap_ci, distinct_n, mean_distinct_n, perplexity, sentiment_alignment, vader_compound
+from evaluation.metrics import bootstrap_ci, distinct_n, perplexity, sentiment_alignment, vader_compound
 from evaluation.metrics.bertscore import BertScorer
-from evaluation.metrics.distinct import TOKENIZER
+from evaluation.metrics.copying import COPY_THRESHOLD, copy_statistics
+from evaluation.metrics.distinct import TOKENIZER, reply_distinct_n
 from evaluation.metrics.emotion import emotion_alignment, load_emotion_backend
 from featurestore.schema import EMOTIONS
 from featurestore.store import Store
@@ -33,6 +34,8 @@ from infra.models import embedded_llm_dir, resolve_llm
 
 log = logging.getLogger(__name__)
 
+# bumped when a metric's definition changes, so stored cells computed the old way are not reused
+METRICS_VERSION = 2
 COLUMNS = {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}
 
 
@@ -43,14 +46,79 @@ class Cell:
     preset: str
     split: str
 
-    def id(self, config: EvaluateConfig) -> str:
-        """Hash of everything that determines this cell's numbers (a re-run with the same id is skipped)."""
+    def id(self, config: EvaluateConfig, inputs: CellInputs) -> str:
+        """Hash of everything that determines this cell's numbers (a cell stored as done with the same id is
+        reused, by any sweep): the system and its weights, decoding, split, the settings, the targets'
+        content and the resolved metric backends with their weights. Not the sweep's name."""
         settings = config.model_dump(mode="json", include={"target", "limit", "system_prompt", "max_length",
-                                                          "emotion_backend", "bertscore_model", "bertscore_layers",
                                                           "bootstrap_samples", "seed"})  # fmt: skip
         run = run_fingerprint(self.system.run) if self.system.run else None
-        blob = json.dumps([self.system.model_dump(mode="json"), self.preset, self.split, settings, run], sort_keys=True)
+        blob = json.dumps([self.system.model_dump(mode="json"), self.preset, self.split, settings, run,
+                           inputs.targets.get(self.split), inputs.emotion_backend, inputs.bertscore,
+                           inputs.pretrained.get(self.system.model) if self.system.run is None else None,
+                           METRICS_VERSION], sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What a cell's numbers depend on outside its own settings, resolved once per sweep."""
+
+    targets: dict[str, str]  # split -> digest of the pairs' content (the first `limit` targets)
+    emotion_backend: str  # the resolved backend ("lexicon", "meld", a folder) and its weights' digest
+    bertscore: str  # the BERTScore model, its layer setting and its weights' digest
+    pretrained: dict[str, str | None]  # a pretrained system's model -> its weights' digest
+
+
+def resolve_inputs(config: MergConfig, store: Store, splits: list[str] | None = None) -> CellInputs:
+    from evaluation.metrics.emotion import emotion_backend_folder, resolve_emotion_backend
+    from infra.models import resolve_bertscore_model
+
+    ec, cache = config.evaluate, config.paths.model_cache
+    targets = {}
+    for split in splits or ec.splits:
+        rows = store.targets(ec.target, split=split, columns=["key", "history", "next_speaker", "target", "next_emotion", "source"])
+        rows = rows.slice(0, ec.limit) if ec.limit else rows
+        targets[split] = hashlib.sha256(json.dumps(rows.to_pylist(), sort_keys=True).encode()).hexdigest()[:16]
+    backend = resolve_emotion_backend(ec.emotion_backend, cache)
+    folder = emotion_backend_folder(backend, cache)
+    bert = resolve_bertscore_model(ec.bertscore_model) if ec.bertscore_model else resolve_bertscore_model()
+    pretrained = {}
+    for system in ec.systems:
+        if system.run is None and system.model not in pretrained:
+            try:
+                pretrained[system.model] = weights_digest(resolve_llm(system.model, cache))
+            except Exception:  # a missing model fails its cell with the reason, not the plan
+                pretrained[system.model] = None
+    return CellInputs(
+        targets=targets, emotion_backend=f"{backend}:{weights_digest(folder) if folder else ''}",
+        bertscore=f"{Path(bert).name}:{ec.bertscore_layers}:{weights_digest(bert)}", pretrained=pretrained,
+    )  # fmt: skip
+
+
+_FULL_HASH_BYTES = 256 << 20
+
+
+def weights_digest(folder: Path | str) -> str | None:
+    """Digest of a model folder's weights and configs: small files whole; a file over 256 MiB by its
+    size and its first and last MiB (hashing a 7B checkpoint whole would cost more than the plan)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in
+                                                     (".safetensors", ".bin", ".pt", ".pth", ".json", ".model"))  # fmt: skip
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder) if path != folder else path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            if size <= _FULL_HASH_BYTES:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(size - (1 << 20))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def run_fingerprint(run: Path) -> str | None:
@@ -109,6 +177,11 @@ def load_pairs(store: Store, config: EvaluateConfig, split: str, modality: str) 
     return pairs, [r["next_emotion"] for r in rows], [r["history"] for r in rows]
 
 
+def pairs_without_clip(pairs: list[Pair]) -> int:
+    """How many pairs got the zero vector because their utterance has no embedding (no clip)."""
+    return sum(p.media is not None and not p.media.any() for p in pairs)
+
+
 def _mean_ci(values: np.ndarray, config: EvaluateConfig) -> dict:
     lo, hi = bootstrap_ci(len(values), lambda i: values[i].mean(), samples=config.bootstrap_samples, seed=config.seed)
     return {"value": float(values.mean()) if len(values) else float("nan"), "ci": [lo, hi]}
@@ -135,11 +208,13 @@ def evaluate_cell(
     model, tokenizer, model_path, modality, soft_tokens, run_prompt, notes = load_system(cell.system, config.paths.model_cache, device)
     system_prompt = run_prompt or ec.system_prompt
     pairs, next_emotions, histories = load_pairs(store, ec, cell.split, modality)
+    if missing := pairs_without_clip(pairs):
+        notes.append(f"{cell.system.name}: {missing} of {len(pairs)} pairs have no clip ({modality} input: a zero vector)")
     if COLUMNS[modality]:
         encoders = set(store.query(split=cell.split, columns=["encoder_checkpoint"]).column(0).drop_null().to_pylist())
         if any(e.startswith("random-init") for e in encoders):
             notes.append("embeddings: ImageBind at random init (no imagebind_huge.pth given)")
-    cell_id = cell_id or cell.id(ec)
+    cell_id = cell_id or cell.id(ec, resolve_inputs(config, store, [cell.split]))
     log.info("cell %s: %s / %s / %s, %d pairs", cell_id, cell.system.name, cell.preset, cell.split, len(pairs))
 
     replies, nll, tokens = generate_and_score(
@@ -164,6 +239,9 @@ def evaluate_cell(
     reply_label = [EMOTIONS[i] for i in p_reply.argmax(axis=1)]
     ref_label = [EMOTIONS[i] for i in p_ref.argmax(axis=1)]
     correct = np.array([a == b for a, b in zip(reply_label, next_emotions)], dtype=np.float64)
+    matches_reference = np.array([a == b for a, b in zip(reply_label, ref_label)], dtype=np.float64)
+    copying = copy_statistics(replies, histories)
+    dist1_reply, dist2_reply = reply_distinct_n(replies, 1), reply_distinct_n(replies, 2)
 
     n = len(pairs)
     metrics = {
@@ -174,8 +252,8 @@ def evaluate_cell(
         # so it gets no bootstrap interval; the per-reply mean does
         "dist1": {"value": distinct_n(replies, 1)},
         "dist2": {"value": distinct_n(replies, 2)},
-        "dist1_mean": _mean_ci(np.array([mean_distinct_n([r], 1) for r in replies]), ec),
-        "dist2_mean": _mean_ci(np.array([mean_distinct_n([r], 2) for r in replies]), ec),
+        "dist1_mean": _mean_ci(dist1_reply[~np.isnan(dist1_reply)], ec),
+        "dist2_mean": _mean_ci(dist2_reply[~np.isnan(dist2_reply)], ec),
         "bertscore_p": _mean_ci(bert.precision, ec),
         "bertscore_r": _mean_ci(bert.recall, ec),
         "bertscore_f1": _mean_ci(bert.f1, ec),
@@ -183,13 +261,21 @@ def evaluate_cell(
         "sentiment": _mean_ci(sent, ec),
         "empathy": _mean_ci((emo + sent) / 2, ec),
         "emotion_accuracy": _mean_ci(correct, ec),
+        "emotion_label_match": _mean_ci(matches_reference, ec),
+        **{name: {"value": value} for name, value in copying.items()},
         "ref_emotion": _mean_ci(emo_hist, ec),
         "ref_sentiment": _mean_ci(sent_hist, ec),
         "ref_empathy": _mean_ci((emo_hist + sent_hist) / 2, ec),
         "descriptions": {
-            "dist": f"Dist-n over all replies (corpus level, Li et al. 2016; no interval) and per reply (dist*_mean); tokens: {TOKENIZER}", "bertscore": bert.description, "emotion_backend": scorers.emotion.name,
+            "dist": f"Dist-n over all replies (corpus level, Li et al. 2016; no interval: it depends on the corpus size, which a resample with repeats changes) and per reply averaged over replies with an n-gram (dist*_mean); tokens: {TOKENIZER}",
+            "bertscore": bert.description, "emotion_backend": scorers.emotion.name,
+            "emotion": f"cosine of the reply's and the reference reply's emotion distributions ({scorers.emotion.name}); the reference is the {ec.target} target",
+            "emotion_accuracy": "share of replies whose top emotion (classifier) equals MELD's human label of the real next line"
+                                + (" (not of the teacher's reference reply)" if ec.target == "teacher" else ""),
+            "emotion_label_match": "share of replies whose top emotion equals the classifier's top emotion of the reference reply (the confusion plot's axes)",
+            "copying": f"copy_share: replies whose longest common substring with the history is >= {COPY_THRESHOLD:.0%} of the reply; scaffold_share: replies starting with the prompt's words; empty_share; distinct_replies",
             "sentiment": "VADER compound, alignment 1 - |difference|",
-            "ppl": "teacher-forced on the gold reply + EOS given the full prompt, token-averaged over the set",
+            "ppl": "teacher-forced on the gold reply + EOS given the prompt, exp(total NLL / total tokens) over the set (a corpus ratio, not a mean)",
             "ref_*": "the reference system's definitions: reply vs dialogue-history mean; self / unconditioned perplexity",
         },  # fmt: skip
     }

@@ -132,6 +132,14 @@ def _score(model, tokenizer, examples: list[Example], batch_size: int) -> tuple[
     return nll, tokens
 
 
+def generation_prompt(tokenizer, pair: Pair, *, system: str, soft_tokens: int, max_length: int, max_new_tokens: int) -> Example:
+    """The prompt a system sees: the oldest history lines dropped until it fits `max_length` minus the
+    reply budget. It never depends on the gold reply (training fits prompt + gold reply instead)."""
+    e = encode_example(tokenizer, pair.history, pair.next_speaker, None, system=system,
+                       soft_tokens=soft_tokens if pair.media is not None else 0, max_length=max(1, max_length - max_new_tokens))  # fmt: skip
+    return Example(pair.key, EncodedExample(e.input_ids, [-100] * len(e.input_ids), e.media_mask), pair.media)
+
+
 @torch.no_grad()
 def generate_and_score(
     model, tokenizer, pairs: Sequence[Pair], preset: Preset, *, system: str, soft_tokens: int, max_length: int,
@@ -139,19 +147,16 @@ def generate_and_score(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:  # fmt: skip
     """`generate_replies` and `score_references` in one pass over each prompt: the prompt is run once
     (left-padded, KV cache kept), the gold reply is scored on a copy of that cache, and the reply is
-    decoded from it. The prompt dominates the cost, so this halves the work of doing both."""
+    decoded from it. The prompt dominates the cost, so this halves the work of doing both. The prompt
+    is `generation_prompt` (fit without the gold reply), and the gold reply + EOS is scored whole."""
     import copy
 
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     embed_tokens = model.llm.get_input_embeddings()
-    prompts, references = [], []
-    for p in pairs:
-        e = encode_example(tokenizer, p.history, p.next_speaker, p.reference, system=system,
-                           soft_tokens=soft_tokens if p.media is not None else 0, max_length=max_length)  # fmt: skip
-        k = next(i for i, label in enumerate(e.labels) if label != -100)
-        prompts.append(Example(p.key, EncodedExample(e.input_ids[:k], [-100] * k, e.media_mask[:k]), p.media))
-        references.append(e.input_ids[k:])
+    prompts = [generation_prompt(tokenizer, p, system=system, soft_tokens=soft_tokens, max_length=max_length,
+                                 max_new_tokens=preset.max_new_tokens) for p in pairs]  # fmt: skip
+    references = [tokenizer(p.reference.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
     warp = LogitsProcessorList([TemperatureLogitsWarper(preset.temperature), TopPLogitsWarper(preset.top_p)])
     order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
     replies, nll, counts = [""] * len(pairs), np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)

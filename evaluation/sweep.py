@@ -5,9 +5,11 @@
 Cells run in parallel on the Ray cluster (`evaluate.ray_address`, or a local Ray), each with
 `evaluate.cpus_per_cell` CPUs and `evaluate.gpus_per_cell` GPUs, generation and metrics batched inside.
 The driver writes each finished cell's per-example outputs and aggregates into the store's
-`eval_outputs` / `eval_results` tables as it arrives. A cell already stored as done (same id: system,
-preset, split and every setting that changes its numbers) is skipped; a cell that fails is stored as
-`failed` with its error and the sweep goes on; a re-run retries only what is not done.
+`eval_outputs` / `eval_results` tables as it arrives. A cell already stored as done (same id: system and
+its weights, preset, split, targets' content, resolved metric backends and every setting that changes its
+numbers; not the sweep's name) is reused, by this or any other sweep, and listed in `sweep_cells` as a
+member of this sweep; a cell that fails is stored as `failed` with its error and the sweep goes on; a
+re-run retries only what is not done.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from evaluation.evaluate import Cell, evaluate_cell
-from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
+from evaluation.evaluate import Cell, evaluate_cell, resolve_inputs
+from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS, SWEEP_CELLS
 from featurestore.store import Store, build_filter
 from infra.config import MergConfig
 from infra.progress import progress_bar
@@ -55,7 +57,10 @@ def _run_cell(cell: Cell, cell_id: str, config: MergConfig, threads: int) -> tup
 def _plan(config: MergConfig, store: Store) -> tuple[list[tuple[str, Cell]], SweepReport]:
     """The cells still to run, each with its id (computed once: a run's id hashes its weights)."""
     ec = config.evaluate
-    cells = [(cell.id(ec), cell) for cell in grid(config)]
+    inputs = resolve_inputs(config, store)
+    cells = [(cell.id(ec, inputs), cell) for cell in grid(config)]
+    store.write_records(SWEEP_CELLS, [dict(id=f"{cell.sweep}:{cell_id}", sweep=cell.sweep, cell=cell_id, system=cell.system.name,
+                                          preset=cell.preset, split=cell.split) for cell_id, cell in cells])  # fmt: skip
     done: set[str] = set()
     if not ec.force:
         done = set(store.read_records(EVAL_RESULTS, build_filter(status="done"), ["cell"]).column("cell").to_pylist())

@@ -40,6 +40,8 @@ FAILURES = "failures"
 TARGETS = "targets"
 EVAL_OUTPUTS = "eval_outputs"
 EVAL_RESULTS = "eval_results"
+SWEEP_CELLS = "sweep_cells"
+PROBE_RESULTS = "probe_results"
 TARGET_KINDS: tuple[str, ...] = ("next_utterance", "teacher")
 
 
@@ -192,12 +194,48 @@ EVAL_RESULTS_SCHEMA = pa.schema(
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: EVAL_RESULTS.encode()},
 )
 
+# Which cells make up a sweep: a cell is shared by every sweep whose grid has it (its id does not hash
+# the sweep's name), so a renamed sweep reuses it and the report lists a sweep's cells from here.
+SWEEP_CELLS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False, metadata=_PK),  # "<sweep>:<cell>"
+        pa.field("sweep", pa.string(), nullable=False),
+        pa.field("cell", pa.string(), nullable=False),
+        pa.field("system", pa.string()),
+        pa.field("preset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),  # when a plan last listed it
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: SWEEP_CELLS.encode()},
+)
+
+# One row per emotion probe (`merg probe`): a classifier of MELD's emotion label from one feature of the
+# store. Keyed like cells: `id` hashes everything that determines the numbers (the feature's content,
+# labels, encoder, probe settings).
+PROBE_RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False, metadata=_PK),
+        pa.field("feature", pa.string()),  # "text" or an embedding column
+        pa.field("encoder", pa.string()),  # what made the feature (MiniLM, ImageBind checkpoint, fusion)
+        pa.field("status", pa.string()),  # "done" | "skipped" (with the reason in `error`)
+        pa.field("error", pa.string()),
+        pa.field("sizes", pa.string()),  # JSON: train/dev/test examples
+        pa.field("metrics", pa.string()),  # JSON: weighted-F1, accuracy (95% intervals), per-class F1, majority baseline, C
+        pa.field("store_version", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: PROBE_RESULTS.encode()},
+)
+
 # Tables besides `utterances` that the store upserts generically: schema and merge key.
 RECORD_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     FAILURES: (FAILURES_SCHEMA, ("key", "stage")),
     TARGETS: (TARGETS_SCHEMA, ("id",)),
     EVAL_OUTPUTS: (EVAL_OUTPUTS_SCHEMA, ("id",)),
     EVAL_RESULTS: (EVAL_RESULTS_SCHEMA, ("cell",)),
+    SWEEP_CELLS: (SWEEP_CELLS_SCHEMA, ("id",)),
+    PROBE_RESULTS: (PROBE_RESULTS_SCHEMA, ("id",)),
 }
 
 

@@ -343,7 +343,7 @@ def _print_results(store_root: Path, cells: list[str]) -> None:
     if not cells:
         return
     rows = Store.open(store_root).read_records(EVAL_RESULTS, build_filter(cell=cells)).to_pylist()
-    table = Table(title="evaluation (standard definitions; mean over the pairs)")
+    table = Table(title="evaluation (standard definitions; PPL a corpus ratio, the rest means over the pairs)")
     names = [("PPL", "ppl"), ("Dist-2", "dist2"), ("BERTScore F1", "bertscore_f1"), ("Emotion", "emotion"),
              ("Sentiment", "sentiment"), ("Empathy", "empathy")]  # fmt: skip
     for column in ["system", "decoding", "split", "N", *(n for n, _ in names)]:
@@ -434,6 +434,29 @@ def sweep_command(
     for cell, error in report.failed.items():
         out.print(f"[red]failed[/red] {cell}: {error}")
     _print_results(cfg.paths.store, report.cell_ids)
+
+
+@app.command("probe")
+def probe_command(
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    feature: Annotated[Optional[list[str]], typer.Option(help="text, audio_emb, vision_emb, fused_emb (repeatable; default all).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Probe again even where the same probe is stored.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Emotion probe of the store: logistic regression per feature (train / C on dev / test), stored in probe_results."""
+    from evaluation.probe import FEATURES, probe, probe_table
+
+    unknown = set(feature or []) - set(FEATURES)
+    if unknown:
+        raise typer.BadParameter(f"unknown feature(s) {sorted(unknown)}: choose from {', '.join(FEATURES)}")
+    rows = probe(_open_store(store, config=config), feature or FEATURES, force=force)
+    header, body = probe_table(rows)
+    table = Table(title="emotion probe (test; 95% bootstrap intervals; anchors: MELD text W-F1 0.64-0.70, TelME multimodal 0.674)")
+    for column in header:
+        table.add_column(column)
+    for row in body:
+        table.add_row(*row)
+    out.print(table)
 
 
 @app.command("report")

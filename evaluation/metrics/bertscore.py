@@ -57,9 +57,16 @@ class BertScorer:
         self._scorer = BERTScorer(model_type=str(self.path), num_layers=self.num_layers, batch_size=batch_size, device=device)
 
     def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> BertScores:
-        p, r, f = self._scorer.score([c or "" for c in candidates], list(references))
-        p, r, f = (x.numpy().astype(np.float64) for x in (p, r, f))
-        if self.baseline:
-            p, r, f = (rescale(x, b) for x, b in zip((p, r, f), self.baseline))
+        """Scores per pair. A pair with a blank reply or reference scores 0 (P, R and F1) by definition:
+        there is nothing to match, and bert-score cannot embed an empty string with every tokenizer."""
+        p, r, f = (np.zeros(len(candidates)) for _ in range(3))
+        scored = [i for i, (c, ref) in enumerate(zip(candidates, references)) if (c or "").strip() and (ref or "").strip()]
+        if scored:
+            raw = self._scorer.score([candidates[i] for i in scored], [references[i] for i in scored])
+            raw = [x.numpy().astype(np.float64) for x in raw]
+            if self.baseline:
+                raw = [rescale(x, b) for x, b in zip(raw, self.baseline)]
+            for target, values in zip((p, r, f), raw):
+                target[scored] = values
         state = "rescaled with bert-score's baseline" if self.baseline else "not rescaled (no official baseline)"
-        return BertScores(p, r, f, self.baseline is not None, f"{self.name} layer {self.num_layers}, {state}")
+        return BertScores(p, r, f, self.baseline is not None, f"{self.name} layer {self.num_layers}, {state}; a blank reply scores 0")

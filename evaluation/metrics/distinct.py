@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
+
 TOKENIZER = "lowercase words: [a-z0-9]+(?:'[a-z]+)?"
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -23,7 +25,14 @@ def distinct_n(replies: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def reply_distinct_n(replies: Sequence[str], n: int) -> np.ndarray:
+    """Each reply's own Dist-n; NaN for a reply without any n-gram (it has no ratio to count)."""
+    grams = (_ngrams(word_tokens(r), n) for r in replies)
+    return np.array([len(set(g)) / len(g) if g else np.nan for g in grams], dtype=np.float64)
+
+
 def mean_distinct_n(replies: Sequence[str], n: int) -> float:
-    """The per-reply Dist-n averaged over replies that have at least one n-gram."""
-    scores = [len(set(g)) / len(g) for g in (_ngrams(word_tokens(r), n) for r in replies) if g]
-    return sum(scores) / len(scores) if scores else 0.0
+    """The per-reply Dist-n averaged over replies that have at least one n-gram (0 if none has)."""
+    scores = reply_distinct_n(replies, n)
+    scores = scores[~np.isnan(scores)]
+    return float(scores.mean()) if len(scores) else 0.0

@@ -184,11 +184,24 @@ def train_meld_emotion_classifier(
     return report
 
 
+def resolve_emotion_backend(spec: str, model_cache: Path) -> str:
+    """`auto` made concrete: `meld` once merg's MELD classifier is trained, else `lexicon`."""
+    if spec == "auto":
+        return "meld" if (Path(model_cache) / MELD_CLASSIFIER_DIR / "meta.json").is_file() else "lexicon"
+    return spec
+
+
+def emotion_backend_folder(spec: str, model_cache: Path) -> Path | None:
+    """The weights behind a resolved backend (None for the lexicon)."""
+    if spec == "lexicon":
+        return None
+    return Path(model_cache) / MELD_CLASSIFIER_DIR if spec == "meld" else Path(spec)
+
+
 def load_emotion_backend(spec: str, model_cache: Path) -> EmotionBackend:
     """`auto` (merg's MELD classifier when trained, else the lexicon), `meld`, `lexicon`, or a local HF folder."""
     trained = Path(model_cache) / MELD_CLASSIFIER_DIR
-    if spec == "auto":
-        spec = "meld" if (trained / "meta.json").is_file() else "lexicon"
+    spec = resolve_emotion_backend(spec, model_cache)
     if spec == "lexicon":
         return LexiconEmotion()
     if spec == "meld":

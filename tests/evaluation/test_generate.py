@@ -68,3 +68,15 @@ def test_one_pass_generation_and_scoring_matches_the_separate_ones(tiny, soft_to
     ref_nll, ref_tokens = score_references(model, tokenizer, pairs, max_length=256, **kwargs)
     assert tokens.tolist() == ref_tokens.tolist()
     assert nll == pytest.approx(ref_nll, rel=1e-4)
+
+
+def test_generation_prompt_does_not_depend_on_the_gold_reply(tiny):
+    from evaluation.generate import generation_prompt
+
+    _, tokenizer = tiny
+    history = [f"Rachel: line number {i} of a long talk." for i in range(12)]
+    short, long = (Pair("k", history, "Ross", reply, None) for reply in ("Yes.", "word " * 200))
+    kwargs = dict(system="Be kind.", soft_tokens=0, max_length=128, max_new_tokens=16)
+    prompt = generation_prompt(tokenizer, short, **kwargs)
+    assert prompt.encoded.input_ids == generation_prompt(tokenizer, long, **kwargs).encoded.input_ids
+    assert len(prompt.encoded.input_ids) <= 128 - 16  # oldest lines dropped to leave the reply budget

@@ -76,3 +76,31 @@ def test_bertscore_with_the_embedded_model():
     scores = scorer(["I am so sorry to hear that.", "pizza"], ["I am so sorry to hear that.", "I am so sorry."])
     assert scores.f1[0] == pytest.approx(1.0, abs=1e-4) and scores.f1[1] < scores.f1[0]
     assert not scores.rescaled and "not rescaled" in scores.description
+
+
+def test_blank_reply_scores_zero_bertscore_without_failing_the_batch():
+    """bert-score 0.3.13 (Tiiiger/bert_score, bert_score/utils.py ~l.190 `sent_encode`) calls
+    `build_inputs_with_special_tokens` on an empty string, which transformers 5's fast tokenizers lack:
+    blank replies are scored 0 by definition and never reach it."""
+    from evaluation.metrics.bertscore import BertScorer
+
+    scores = BertScorer()(["", "  ", "I am so sorry."], ["I am so sorry.", "I am so sorry.", "I am so sorry."])
+    assert list(scores.f1[:2]) == [0.0, 0.0] and list(scores.precision[:2]) == [0.0, 0.0]
+    assert scores.f1[2] == pytest.approx(1.0, abs=1e-4) and "blank reply scores 0" in scores.description
+
+
+def test_per_reply_distinct_excludes_replies_without_ngrams():
+    from evaluation.metrics.distinct import reply_distinct_n
+
+    per_reply = reply_distinct_n(["yes", "no no", ""], 2)
+    assert np.isnan(per_reply[0]) and per_reply[1] == 1.0 and np.isnan(per_reply[2])
+    assert mean_distinct_n(["yes", "a b a b"], 2) == pytest.approx(2 / 3)  # "yes" neither counts nor drags to 0
+
+
+def test_copy_statistics_count_history_copies_prompt_scaffold_and_blanks():
+    from evaluation.metrics.copying import copy_statistics
+
+    history = ["Rachel: I got the job at the museum!", "Ross: No way, that is amazing."]
+    replies = ["Rachel: I got the job at the museum!", "Dialogue: Ross said hi", "", "Congratulations, Rachel!"]
+    stats = copy_statistics(replies, [history] * 4)
+    assert stats == dict(copy_share=0.25, scaffold_share=0.25, empty_share=0.25, distinct_replies=4)

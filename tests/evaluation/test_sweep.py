@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
@@ -100,3 +101,41 @@ def test_killed_between_a_cells_writes_a_rerun_stores_each_row_once(eval_store, 
     assert len(outputs) == len({(o["cell"], o["key"]) for o in outputs}) == 3
     assert [r["status"] for r in store.read_records(EVAL_RESULTS).to_pylist()] == ["done"]
     assert evaluate(config).skipped == 1  # and a third run has nothing left to do
+
+
+def test_cell_ids_follow_what_changes_the_numbers_not_the_sweep_name(eval_store, tiny_llm, tiny_runs, tmp_path):
+    """Renaming a sweep reuses every cell; training the emotion classifier (under `auto`) or rebuilding the
+    targets with other content gives new ids, so exactly those cells run again."""
+    from safetensors.numpy import save_file
+
+    from evaluation.metrics.emotion import MELD_CLASSIFIER_DIR
+    from evaluation.sweep import _plan
+    from featurestore.schema import SWEEP_CELLS, TARGETS
+
+    config = _config(eval_store, tiny_llm, tiny_runs, tmp_path / "report")
+    config = config.model_copy(update={"paths": PathsConfig(store=eval_store, model_cache=tmp_path / "cache"),
+                                       "evaluate": config.evaluate.model_copy(update={"emotion_backend": "auto"})})  # fmt: skip
+    store = Store.open(eval_store)
+    todo, first = _plan(config, store)
+    store.write_records(EVAL_RESULTS, [dict(cell=i, sweep="t", status="done") for i in first.cell_ids])
+    renamed = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"sweep": "t-v2"})})
+    todo, again = _plan(renamed, store)
+    assert again.cell_ids == first.cell_ids and not todo and again.skipped == len(first.cell_ids)
+    assert {r["sweep"] for r in store.read_records(SWEEP_CELLS).to_pylist()} == {"t", "t-v2"}
+
+    trained = tmp_path / "cache" / MELD_CLASSIFIER_DIR
+    trained.mkdir(parents=True)
+    save_file({"coef": np.zeros((7, 4), np.float32)}, trained / "classifier.safetensors")
+    (trained / "meta.json").write_text("{}")
+    todo, with_classifier = _plan(config, store)
+    assert len(todo) == len(first.cell_ids) and not set(with_classifier.cell_ids) & set(first.cell_ids)
+
+    dev = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"splits": ["dev"]})})
+    dev_ids = _plan(dev, store)[1].cell_ids
+    row = store.targets("next_utterance", split="test").slice(0, 1).to_pylist()[0]
+    store.write_records(TARGETS, [dict(row, target=row["target"] + " (rebuilt)")])
+    _, rebuilt = _plan(config, store)
+    assert not set(rebuilt.cell_ids) & set(with_classifier.cell_ids)
+    assert _plan(dev, store)[1].cell_ids == dev_ids  # the dev cells' pairs did not change
+    store.write_records(TARGETS, [dict(row)])  # back to the old content: the old ids again
+    assert _plan(config, store)[1].cell_ids == with_classifier.cell_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from infra.cli import app
@@ -42,3 +43,12 @@ def test_clear_errors(dialogue_store, tmp_path):
     assert result.exit_code != 0 and "merg sweep" in result.output
     result = runner.invoke(app, ["train", "--store", str(dialogue_store), "--model", str(tmp_path / "nope")])
     assert result.exit_code != 0 and "no HF model folder" in result.output
+
+
+@pytest.mark.slow
+def test_probe_prints_the_table_and_rejects_unknown_features(dialogue_store, tmp_path):
+    store = shutil.copytree(dialogue_store, tmp_path / "store")
+    result = runner.invoke(app, ["probe", "--store", str(store), "--feature", "fused_emb"])
+    assert result.exit_code == 0 and "emotion probe" in result.output and "fused_emb" in result.output, result.output
+    result = runner.invoke(app, ["probe", "--store", str(store), "--feature", "smell"])
+    assert result.exit_code != 0 and "unknown feature" in result.output
