@@ -14,7 +14,7 @@ boxes (small-frame pixels x `scale`) cut the speaker's face out of the full-reso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import cv2
@@ -40,13 +40,19 @@ class SpeakerResult:
     track: Track | None  # boxes in the small frames' pixels, frames at ASD_FPS
     scale: float  # small frame pixels -> full frame pixels
     n_tracks: int
+    # the speaker in other shots: passing tracks that do not overlap `track` (nor each other) in time
+    other_shots: list[Track] = field(default_factory=list)
 
     def box_at(self, time_s: float) -> np.ndarray | None:
-        """The speaker's box (full-resolution pixels) at a time, clamped to the track's span."""
+        """The speaker's box (full-resolution pixels) at a time: from the track that covers the time
+        (after a cut the speaker is another track), else `track`'s, clamped to its span."""
         if self.track is None:
             return None
-        index = int(np.clip(round(time_s * ASD_FPS) - self.track.frames[0], 0, len(self.track) - 1))
-        return self.track.boxes[index] * self.scale
+        frame = round(time_s * ASD_FPS)
+        covering = [t for t in self.other_shots if t.frames[0] <= frame <= t.frames[-1]]
+        track = covering[0] if covering and not self.track.frames[0] <= frame <= self.track.frames[-1] else self.track
+        index = int(np.clip(frame - track.frames[0], 0, len(track) - 1))
+        return track.boxes[index] * self.scale
 
 
 @lru_cache(maxsize=1)  # one classifier per worker process, loaded on first use
@@ -265,8 +271,19 @@ def choose_speaker(
     longest = max(len(t) for t in tracks)
     coverage = [len(t) / longest for t in tracks]
     # sync scores are correlations (>= 0): shrink short fragments; TalkNet logits are ranked as they are
-    best = int(np.argmax([s * c for s, c in zip(scores, coverage)] if method == "sync" else scores))
-    return SpeakerResult(method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks))
+    rank = [s * c for s, c in zip(scores, coverage)] if method == "sync" else list(scores)
+    order = [int(i) for i in np.argsort(rank)[::-1]]
+    best, others = order[0], []
+    for i in order[1:]:  # tracks never cross a cut: a passing track beside the chosen ones is another shot's speaker
+        if scores[i] >= threshold and all(_disjoint(tracks[i], tracks[j]) for j in [best, *others]):
+            others.append(i)
+    return SpeakerResult(
+        method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks), [tracks[i] for i in others]
+    )  # fmt: skip
+
+
+def _disjoint(a: Track, b: Track) -> bool:
+    return a.frames[-1] < b.frames[0] or b.frames[-1] < a.frames[0]
 
 
 def find_speaker(
