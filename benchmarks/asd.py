@@ -74,7 +74,7 @@ def accuracy(root: Path, truths: list[dict]) -> tuple[Table, dict]:
         tracks = clip_tracks(clip, faithful=False)
         crossing += _crossing(tracks, t)
         scores = sync_scores(clip.small, tracks, audio) if tracks and audio is not None and np.any(audio) else None
-        result = choose_speaker(tracks, scores, clip.scale)
+        result = choose_speaker(tracks, scores, clip.scale, cuts=clip.cuts)
         kind = (len(t["faces"]), bool(t.get("cuts")))
         results["sync"].append((kind, bool(result.face_visible), all(_hit(result.box_at(m / ASD_FPS), t, m, 1.0) for m in _shot_middles(t))))
         centre = len(clip.small) // 2

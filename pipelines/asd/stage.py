@@ -40,17 +40,16 @@ class SpeakerResult:
     track: Track | None  # boxes in the small frames' pixels, frames at ASD_FPS
     scale: float  # small frame pixels -> full frame pixels
     n_tracks: int
-    # the speaker in other shots: passing tracks that do not overlap `track` (nor each other) in time
+    # the speaker in other shots: the best-ranked track of every other shot
     other_shots: list[Track] = field(default_factory=list)
 
     def box_at(self, time_s: float) -> np.ndarray | None:
-        """The speaker's box (full-resolution pixels) at a time: from the track that covers the time
-        (after a cut the speaker is another track), else `track`'s, clamped to its span."""
+        """The speaker's box (full-resolution pixels) at a time: from the nearest in time of `track` and
+        `other_shots` (after a cut the speaker is another track), clamped to its span."""
         if self.track is None:
             return None
         frame = round(time_s * ASD_FPS)
-        covering = [t for t in self.other_shots if t.frames[0] <= frame <= t.frames[-1]]
-        track = covering[0] if covering and not self.track.frames[0] <= frame <= self.track.frames[-1] else self.track
+        track = min([self.track, *self.other_shots], key=lambda t: max(t.frames[0] - frame, frame - t.frames[-1], 0))
         index = int(np.clip(frame - track.frames[0], 0, len(track) - 1))
         return track.boxes[index] * self.scale
 
@@ -256,13 +255,14 @@ def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarra
 
 def choose_speaker(
     tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD,
-    method: str = "sync",
+    method: str = "sync", cuts: list[int] | tuple = (),
 ) -> SpeakerResult:
     """The track that best follows the speech, visible if its score passes `threshold`.
 
     Tracks are ranked by score x the share of the clip they cover: a correlation over a short track
     fragment (a face the detector lost for a while) is noisy and must not outrank a whole track.
-    Without scores, the longest track is taken.
+    Without scores, the longest track is taken. With `cuts`, the best track of every other shot is kept
+    too (`other_shots`): after a cut the speaker is another track.
     """
     if not tracks:
         return SpeakerResult("none", False, None, None, scale, 0)
@@ -273,17 +273,15 @@ def choose_speaker(
     # sync scores are correlations (>= 0): shrink short fragments; TalkNet logits are ranked as they are
     rank = [s * c for s, c in zip(scores, coverage)] if method == "sync" else list(scores)
     order = [int(i) for i in np.argsort(rank)[::-1]]
-    best, others = order[0], []
-    for i in order[1:]:  # tracks never cross a cut: a passing track beside the chosen ones is another shot's speaker
-        if scores[i] >= threshold and all(_disjoint(tracks[i], tracks[j]) for j in [best, *others]):
-            others.append(i)
+    best = order[0]
+    shot_of = [int(np.searchsorted(sorted(cuts), t.frames[0], side="right")) for t in tracks]
+    others = {}  # tracks never cross a cut: the best track of every other shot is that shot's speaker
+    for i in order[1:]:
+        if shot_of[i] != shot_of[best]:
+            others.setdefault(shot_of[i], i)
     return SpeakerResult(
-        method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks), [tracks[i] for i in others]
+        method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks), [tracks[i] for i in others.values()]
     )  # fmt: skip
-
-
-def _disjoint(a: Track, b: Track) -> bool:
-    return a.frames[-1] < b.frames[0] or b.frames[-1] < a.frames[0]
 
 
 def find_speaker(
@@ -304,8 +302,8 @@ def find_speaker(
     if talknet is not None:
         chunks = iter_full_frames(clip.path) if faithful and clip.path else None
         scores = talknet_scores(clip.small, tracks, audio_16k, talknet, chunks, clip.scale if chunks is not None else 1.0)
-        return choose_speaker(tracks, scores, clip.scale, TALKNET_THRESHOLD, "talknet")
-    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold)
+        return choose_speaker(tracks, scores, clip.scale, TALKNET_THRESHOLD, "talknet", clip.cuts)
+    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold, cuts=clip.cuts)
 
 
 def speaker_for_clip(

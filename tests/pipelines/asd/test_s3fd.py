@@ -41,6 +41,7 @@ def test_checkpoint_loads_strictly_and_mismatch_fails(tmp_path):
         load_s3fd(tmp_path / "bad.pth")
 
 
+@pytest.mark.slow  # faithful mode on CPU: every frame, TalkNet's 6 window lengths
 def test_stage_detects_with_s3fd_when_given_a_checkpoint(mini_meld, tmp_path):
     from pipelines.decode import SpeakerSettings, decode_clip
     from pipelines.synth import read_ground_truth

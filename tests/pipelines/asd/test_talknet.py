@@ -71,6 +71,7 @@ def test_checkpoint_mismatch_fails_loudly(tmp_path, damage, message):
         load_talknet(path)
 
 
+@pytest.mark.slow  # faithful mode on CPU: every frame, TalkNet's 6 window lengths
 def test_talknet_scorer_runs_in_the_stage(mini_meld, tmp_path):
     """With a checkpoint (random here, so only the path is tested, not the choice) the stage uses TalkNet."""
     from pipelines.decode import SpeakerSettings, decode_clip
