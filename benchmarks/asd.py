@@ -9,7 +9,9 @@ cut (the stage's speaker box lies on the speaker at the middle of every shot; go
 both), face-visible precision and recall, and the number of tracks that run across a cut (goal: 0).
 The baseline row is the placeholder the stage replaced: the largest face on the middle frame.
 
-Timing (`--timing-clips` two-face clips, random-init S3FD and TalkNet: timing only), on `--device`:
+Timing (`--timing-clips` clips of `--timing-seconds` s at MELD's size, 1280x720 at 25 fps with two drawn
+faces and stereo 48 kHz AAC, written with PyAV, so no ffmpeg or espeak binary is needed; random-init
+S3FD and TalkNet: timing only), on `--device`:
 the faithful mode (S3FD on every frame at 0.25 of the full frame, `S3FD_BATCH` frames per forward;
 TalkNet windows batched across tracks) against the demo's way (clip by clip, S3FD frame by frame,
 TalkNet one window at a time per track), same clips, same models. A random S3FD finds no faces, so
@@ -99,6 +101,43 @@ def accuracy(root: Path, truths: list[dict]) -> tuple[Table, dict]:
     return table, summary
 
 
+def timing_clips(folder: Path, n: int, seconds: float, width: int = 1280, height: int = 720) -> list[Path]:
+    """`n` MELD-sized clips: two drawn faces (one mouth moves with a modulated tone), stereo AAC."""
+    import av
+
+    from pipelines.synth.face import draw_face, look_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in range(n):
+        path = folder / f"timing_{c}.mp4"
+        frames, rate = int(seconds * ASD_FPS), 48_000
+        t = np.arange(int(seconds * rate)) / rate
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * (2 + c) * t)
+        tone = (0.3 * envelope * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        with av.open(str(path), "w") as container:
+            video = container.add_stream("libx264", rate=int(ASD_FPS))
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            video.options = {"preset": "veryfast"}
+            audio = container.add_stream("aac", rate=rate, layout="stereo")
+            for i in range(frames):
+                canvas = np.full((height, width, 3), (90, 110, 130), np.uint8)
+                mouth = float(envelope[min(int(i / ASD_FPS * rate), len(envelope) - 1)])
+                draw_face(canvas, width * 0.3, height * 0.45, width * 0.18, look_for("Ross"), "neutral", mouth)
+                draw_face(canvas, width * 0.7, height * 0.47, width * 0.18, look_for("Rachel"), "neutral", 0.0)
+                frame = av.VideoFrame.from_ndarray(canvas, format="bgr24")
+                container.mux(video.encode(frame))
+            container.mux(video.encode(None))
+            samples = np.stack([tone, 0.5 * tone])
+            for start in range(0, samples.shape[1], 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start : start + 1024]), format="fltp", layout="stereo")
+                chunk.sample_rate = rate
+                container.mux(audio.encode(chunk))
+            container.mux(audio.encode(None))
+        paths.append(path)
+    return paths
+
+
 def _demo_talknet(inputs: list[tuple[np.ndarray, np.ndarray]], model, device) -> None:
     """The demo's `evaluate_network`: per track, per window length, one window per forward."""
     import torch
@@ -113,7 +152,7 @@ def _demo_talknet(inputs: list[tuple[np.ndarray, np.ndarray]], model, device) ->
                     model(a, v).cpu()
 
 
-def timing(root: Path, truths: list[dict], device: str) -> tuple[Table, dict]:
+def timing(paths: list[Path], device: str) -> tuple[Table, dict]:
     import torch
 
     from pipelines.asd.s3fd import DEMO_SCALE, S3FD, detect
@@ -129,8 +168,7 @@ def timing(root: Path, truths: list[dict], device: str) -> tuple[Table, dict]:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for t in truths:
-        path = str(root / t["clip"])
+    for path in map(str, paths):
         audio = read_audio_16k(path)
         # faithful mode, stage by stage
         start = time.perf_counter()
@@ -164,7 +202,7 @@ def timing(root: Path, truths: list[dict], device: str) -> tuple[Table, dict]:
     total = sum(faithful.values())
     # the demo reads and tracks as faithful mode does: those parts count the same on both sides
     demo_total = demo["s3fd"] + demo["talknet"] + faithful["read"] + faithful["track"]
-    n = len(truths)
+    n = len(paths)
     summary = dict(
         device=device, clips=n, frames=frames_seen, s3fd_frames_per_s=frames_seen / faithful["s3fd"],
         demo_s3fd_frames_per_s=frames_seen / demo["s3fd"], talknet_share=faithful["talknet"] / total,
@@ -172,7 +210,7 @@ def timing(root: Path, truths: list[dict], device: str) -> tuple[Table, dict]:
         speedup_vs_demo=demo_total / total, talknet_speedup_vs_demo=demo["talknet"] / max(faithful["talknet"], 1e-9),
         s3fd_speedup_vs_demo=demo["s3fd"] / faithful["s3fd"],
     )  # fmt: skip
-    table = Table(title=f"faithful mode vs the demo's way, {n} two-face clips, {frames_seen} frames, {device} (random weights)")
+    table = Table(title=f"faithful mode vs the demo's way, {n} clips 1280x720, {frames_seen} frames, {device} (random weights)")
     for column in ("part", "faithful s", "demo's way s", "speed-up"):
         table.add_column(column, justify="left" if column == "part" else "right")
     table.add_row("read + shots + track", f"{faithful['read'] + faithful['track']:.2f}", f"{faithful['read'] + faithful['track']:.2f}", "1.00x")
@@ -188,25 +226,25 @@ def main() -> None:
     parser.add_argument("--cut-prob", type=float, default=0.5, help="share of generated two-face clips with a cut")
     parser.add_argument("--meld-root", type=Path, help="an existing generated mini-MELD (with ground_truth.jsonl)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where S3FD and TalkNet run for timing")
-    parser.add_argument("--timing-clips", type=int, default=4, help="two-face clips timed (0: no timing)")
+    parser.add_argument("--timing-clips", type=int, default=4, help="1280x720 two-face clips timed (0: no timing)")
+    parser.add_argument("--timing-seconds", type=float, default=3.0, help="length of each timing clip (MELD's mean: ~3.6 s)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--skip-accuracy", action="store_true", help="timing only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="merg-bench-asd-"))
     out: dict = {}
     try:
-        root = args.meld_root or work / "mini-meld"
-        if args.meld_root is None:
-            generate(SynthConfig(out=root, dialogues=args.dialogues, seed=1, two_face_prob=0.7, cut_prob=args.cut_prob))
-        truths = [t for t in read_ground_truth(root).values() if t["fault"] is None]
         console = Console(width=160)
         if not args.skip_accuracy:
+            root = args.meld_root or work / "mini-meld"
+            if args.meld_root is None:
+                generate(SynthConfig(out=root, dialogues=args.dialogues, seed=1, two_face_prob=0.7, cut_prob=args.cut_prob))
+            truths = [t for t in read_ground_truth(root).values() if t["fault"] is None]
             table, summary = accuracy(root, truths)
             console.print(table)
             out.update(summary)
         if args.timing_clips:
-            two = sorted((t for t in truths if len(t["faces"]) == 2), key=lambda t: t["clip"])[: args.timing_clips]
-            table, summary = timing(root, two, args.device)
+            table, summary = timing(timing_clips(work / "timing", args.timing_clips, args.timing_seconds), args.device)
             console.print(table)
             out.update(summary)
         if args.json:
