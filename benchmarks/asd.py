@@ -37,7 +37,7 @@ from rich.table import Table
 from infra.config import SynthConfig
 from pipelines.asd.stage import (
     ASD_FPS, MIN_TRACK, TALKNET_WINDOWS_S, choose_speaker, clip_tracks, detect_faces, detect_every_kth, iter_full_frames,
-    read_clip_frames, sync_scores, talknet_faces, talknet_frame_scores, talknet_track_inputs,
+    read_clip_frames, sync_scores, talknet_faces, track_looks, talknet_frame_scores, talknet_track_inputs,
 )  # fmt: skip
 from pipelines.asd.tracking import build_tracks
 from pipelines.decode import read_audio_16k
@@ -76,7 +76,8 @@ def accuracy(root: Path, truths: list[dict]) -> tuple[Table, dict]:
         tracks = clip_tracks(clip, faithful=False)
         crossing += _crossing(tracks, t)
         scores = sync_scores(clip.small, tracks, audio) if tracks and audio is not None and np.any(audio) else None
-        result = choose_speaker(tracks, scores, clip.scale, cuts=clip.cuts)
+        looks = track_looks(clip.small, tracks) if clip.cuts else None
+        result = choose_speaker(tracks, scores, clip.scale, cuts=clip.cuts, looks=looks)
         kind = (len(t["faces"]), bool(t.get("cuts")))
         results["sync"].append((kind, bool(result.face_visible), all(_hit(result.box_at(m / ASD_FPS), t, m, 1.0) for m in _shot_middles(t))))
         centre = len(clip.small) // 2

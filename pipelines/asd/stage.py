@@ -179,6 +179,19 @@ def clip_tracks(clip: ClipFrames, faithful: bool, detect_every: int = 5, s3fd=No
     return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=clip.cuts)
 
 
+def track_looks(frames: np.ndarray, tracks: list[Track]) -> list[np.ndarray]:
+    """A face's appearance per track: the mean colour of the middle of its box over the track."""
+    looks = []
+    for track in tracks:
+        colours = []
+        for f, (x0, y0, x1, y1) in zip(track.frames[:: max(1, len(track) // 8)], track.boxes[:: max(1, len(track) // 8)]):
+            w, h = x1 - x0, y1 - y0
+            patch = frames[f, int(max(0, y0 + h / 4)) : int(max(1, y1 - h / 4)), int(max(0, x0 + w / 4)) : int(max(1, x1 - w / 4))]
+            colours.append(patch.reshape(-1, 3).mean(axis=0) if patch.size else np.zeros(3))
+        looks.append(np.mean(colours, axis=0))
+    return looks
+
+
 def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) -> list[float]:
     """The `sync` score of every track against the clip's speech."""
     envelope = rms_per_frame(audio_16k, 16_000, ASD_FPS, len(frames))
@@ -255,14 +268,16 @@ def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarra
 
 def choose_speaker(
     tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD,
-    method: str = "sync", cuts: list[int] | tuple = (),
+    method: str = "sync", cuts: list[int] | tuple = (), looks: list[np.ndarray] | None = None,
 ) -> SpeakerResult:
     """The track that best follows the speech, visible if its score passes `threshold`.
 
     Tracks are ranked by score x the share of the clip they cover: a correlation over a short track
     fragment (a face the detector lost for a while) is noisy and must not outrank a whole track.
-    Without scores, the longest track is taken. With `cuts`, the best track of every other shot is kept
-    too (`other_shots`): after a cut the speaker is another track.
+    Without scores, the longest track is taken. With `cuts`, one track of every other shot is kept too
+    (`other_shots`: after a cut the speaker is another track), the best-ranked; with `looks`
+    (`track_looks`) faces are followed across shots by their looks and the face with the best score x
+    frames over all its shots is the speaker (a correlation over one short shot is noisy).
     """
     if not tracks:
         return SpeakerResult("none", False, None, None, scale, 0)
@@ -275,10 +290,22 @@ def choose_speaker(
     order = [int(i) for i in np.argsort(rank)[::-1]]
     best = order[0]
     shot_of = [int(np.searchsorted(sorted(cuts), t.frames[0], side="right")) for t in tracks]
-    others = {}  # tracks never cross a cut: the best track of every other shot is that shot's speaker
-    for i in order[1:]:
-        if shot_of[i] != shot_of[best]:
-            others.setdefault(shot_of[i], i)
+    shots = sorted(set(shot_of))
+    if looks is not None and len(shots) > 1:
+        # the speaker does not change at a cut: a face is followed across shots by its looks, and the
+        # face whose tracks follow the speech best over the whole clip (score x frames) is the speaker
+        def same_face(i: int) -> dict[int, int]:
+            return {shot: min((j for j in range(len(tracks)) if shot_of[j] == shot), key=lambda j: np.abs(looks[j] - looks[i]).sum())
+                    for shot in shots if shot != shot_of[i]}  # fmt: skip
+
+        total = [scores[i] * len(tracks[i]) + sum(scores[j] * len(tracks[j]) for j in same_face(i).values()) for i in range(len(tracks))]
+        best = int(np.argmax(total))
+        others = same_face(best)
+    else:
+        others = {}  # tracks never cross a cut: the best track of every other shot is that shot's speaker
+        for i in order:
+            if shot_of[i] != shot_of[best]:
+                others.setdefault(shot_of[i], i)
     return SpeakerResult(
         method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks), [tracks[i] for i in others.values()]
     )  # fmt: skip
@@ -303,7 +330,8 @@ def find_speaker(
         chunks = iter_full_frames(clip.path) if faithful and clip.path else None
         scores = talknet_scores(clip.small, tracks, audio_16k, talknet, chunks, clip.scale if chunks is not None else 1.0)
         return choose_speaker(tracks, scores, clip.scale, TALKNET_THRESHOLD, "talknet", clip.cuts)
-    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold, cuts=clip.cuts)
+    looks = track_looks(clip.small, tracks) if clip.cuts else None
+    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold, cuts=clip.cuts, looks=looks)
 
 
 def speaker_for_clip(
