@@ -65,6 +65,7 @@ class SynthConfig(_Section):
     min_duration: float = 0.5
     max_duration: float = 6.0
     two_face_prob: float = Field(0.5, ge=0, le=1)
+    cut_prob: float = Field(0.0, ge=0, le=1, description="share of two-face clips with a shot / reverse-shot cut")
     # MELD's split sizes are 1038 / 114 / 280 dialogues.
     split_fractions: dict[str, float] = {"train": 0.726, "dev": 0.080, "test": 0.194}
 
@@ -104,7 +105,10 @@ class PreprocessConfig(_Section):
     s3fd_checkpoint: Path | None = Field(None, description="sfd_face.pth: faces by S3FD instead of Haar cascades")
     asd_gpus: float = Field(0.0, ge=0, description="GPUs per decode task, for TalkNet / S3FD on a GPU")
     asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
-    detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps)")
+    detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps), fast mode")
+    asd_faithful: bool | None = Field(
+        None, description="the TalkNet demo's way (every frame, S3FD at 0.25 of full frames); default: on with a checkpoint"
+    )
     crop_margin: float = Field(1.4, ge=1.0, description="face crop side / face box side")
     save_crops: Path | None = Field(None, description="write each speaker's face track as an mp4 here")
     seed: int = 0

@@ -36,6 +36,7 @@ BUNDLED = [
     "pylance", "lance-namespace", "lance-namespace-urllib3-client", "bitsandbytes", "deepspeed", "hjson",
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
     "peft", "imagebind-unofficial", "iopath", "ftfy", "wcwidth",
+    "scenedetect-headless", "platformdirs", "python_speech_features",  # the speaker stage (benchmarks/asd.py)
 ]  # fmt: skip
 KEEP_BNB_LIBS = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64",

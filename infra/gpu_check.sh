@@ -31,12 +31,12 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && rm -f "$OUT/steps.txt"
 if [ "${2:-}" = --quick ]; then
   QUICK=--quick BUDGET=${MERG_GPU_CHECK_SECONDS:-1800} ARCH=llama3-tiny SLOWER=4  # a CPU: 4x each step's GPU limit
   ENCODER=(--sizes small --dtypes float32,bfloat16 --batch-size 2 --batches 1) DECODE=(--count 1 --clip-seconds 1 --seconds 2)
-  ASD=(--device cpu --dialogues 3) TRAIN=(--steps 2 --batch-size 2 --dialogues 4 --variants merg,hf)
+  ASD=(--device cpu --skip-accuracy --timing-clips 1 --timing-seconds 1) TRAIN=(--steps 2 --batch-size 2 --dialogues 4 --variants merg,hf)
   EVALUATE=(--pairs 4 --batch-size 4)
 else
   QUICK="" BUDGET=${MERG_GPU_CHECK_SECONDS:-470} ARCH=llama3-8b SLOWER=1
   ENCODER=(--sizes huge --dtypes float32,bfloat16,float16 --batch-size 32 --batches 4) DECODE=(--seconds 15)
-  ASD=(--device cuda) TRAIN=(--steps 10 --batch-size 16 --variants merg,hf)  # a variant out of memory reruns at half the batch
+  ASD=(--device cuda --skip-accuracy --timing-clips 8) TRAIN=(--steps 10 --batch-size 16 --variants merg,hf)  # a variant out of memory reruns at half the batch
   EVALUATE=(--pairs 32 --batch-size 32)
 fi
 cd "$(dirname "$0")/.."

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.asd.stage import ASD_FPS, SCORE_SHORT_SIDE, SpeakerResult, find_speaker, read_small_frames
+from pipelines.asd.stage import ASD_FPS, SCORE_SHORT_SIDE, SpeakerResult, speaker_for_clip
 from pipelines.asd.sync import DEFAULT_THRESHOLD
-from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, video_frame_indices
+from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, resample_channels, video_frame_indices
 from pipelines.media import crop_square, probe_clip
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ class SpeakerSettings:
     talknet_checkpoint: str | None = None
     save_crops: str | None = None  # folder: the speaker's face track as <split>/<diaD_uttU>.mp4
     s3fd_checkpoint: str | None = None  # faces by S3FD (sfd_face.pth) instead of Haar cascades
+    faithful: bool | None = None  # the TalkNet demo's way (every frame, ...); None: on when a checkpoint is given
+
+    @property
+    def is_faithful(self) -> bool:
+        return self.faithful if self.faithful is not None else bool(self.talknet_checkpoint or self.s3fd_checkpoint)
 
 
 def _device():
@@ -105,6 +110,22 @@ def read_audio_16k(path: Path | str) -> np.ndarray | None:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
+def read_audio_channels(path: Path | str) -> tuple[np.ndarray, int] | None:
+    """The first audio stream, every channel at the file's own rate: (float32 [C, N], rate), as
+    ImageBind's loader reads it (`torchaudio.load`: FFmpeg's decoder, no downmix); None without audio."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+        chunks = [out.to_ndarray() for frame in container.decode(audio=0) for out in planar.resample(frame)]
+        chunks += [out.to_ndarray() for out in planar.resample(None)]
+        rate, channels = stream.rate, len(stream.layout.channels)
+    return (np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)), rate
+
+
 def decode_clip(
     key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()
 ) -> DecodedClip:
@@ -124,7 +145,8 @@ def decode_clip(
         if probe.has_audio:
             waveform = read_audio_16k(path)
             if waveform is not None and waveform.size >= SAMPLE_RATE * 0.025:  # one 25 ms fbank window
-                out.audio = audio_features(waveform)
+                # TalkNet and `sync` hear FFmpeg's mono downmix (as the TalkNet demo); ImageBind channel 0
+                out.audio = audio_features(resample_channels(*read_audio_channels(path)))
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
         out.failure = ("decode", "audio_decode_error", f"{type(exc).__name__}: {exc}")
     try:
@@ -164,12 +186,13 @@ def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, se
 
     result = None
     if settings.method in ("sync", "talknet"):
-        small, scale = read_small_frames(path)
         talknet = _talknet(settings.talknet_checkpoint) if settings.method == "talknet" else None
         s3fd = _s3fd(settings.s3fd_checkpoint) if settings.s3fd_checkpoint else None
-        result = find_speaker(small, scale, waveform, settings.threshold, settings.detect_every, talknet, s3fd)
+        result, clip = speaker_for_clip(
+            path, waveform, settings.threshold, settings.is_faithful, settings.detect_every, talknet, s3fd
+        )  # fmt: skip
         if settings.save_crops and result.track is not None:
-            save_track_video(Path(settings.save_crops) / f"{out.key}.mp4", small, result, settings.crop_margin)
+            save_track_video(Path(settings.save_crops) / f"{out.key}.mp4", clip.small, result, settings.crop_margin)
         out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible
         if result.track is not None:
             out.speaker_track_frames = len(result.track)

@@ -5,11 +5,13 @@ Model code comes from `imagebind-unofficial` (facebookresearch's ImageBind, pack
 the model module is imported with that `__init__` bypassed. Preprocessing is written here to match
 `imagebind.data` without importing it:
 
-- audio: 16 kHz mono, 3 clips of 2 s spread uniformly over the utterance, kaldi fbank with 128 mel
-  bins (25 ms window, 10 ms shift, hanning, htk_compat, dither 0), padded/cut to 204 frames,
-  normalised with mean -4.268 and std 9.138;
+- audio: every channel resampled to 16 kHz (torchaudio), 3 clips of 2 s spread uniformly over the
+  utterance, each clip's mean (over all channels) removed, kaldi fbank of channel 0 (kaldi.fbank's
+  default channel: ImageBind never downmixes) with 128 mel bins (25 ms window, 10 ms shift, hanning,
+  htk_compat, dither 0), padded/cut to 204 frames, normalised with mean -4.268 and std 9.138;
 - vision: 5 clips of 2 s spread the same way, 2 frames per clip (the first and last of the window),
-  short side scaled to 224, CLIP mean/std, 3 spatial crops of 224 (left, centre, right).
+  short side scaled to 224 (bilinear, in float: no rounding back to uint8), CLIP mean/std, 3 spatial
+  crops of 224 (left, centre with offset ceil((w - 224) / 2), right).
 
 Shorter utterances than 2 s (common in MELD) get windows that start at 0 and run past the end,
 exactly as the official sampler does; the real duration is recorded by the job.
@@ -133,13 +135,25 @@ def clip_windows(duration: float, clips: int, clip_seconds: float = CLIP_SECONDS
     return [(i * step, i * step + clip_seconds) for i in range(clips)]
 
 
+def resample_channels(channels: np.ndarray, rate: int) -> np.ndarray:
+    """float32 [C, N] at `rate` -> [C, N'] at 16 kHz, with torchaudio's resampler, as ImageBind's loader."""
+    import torchaudio.functional
+
+    wave = torch.as_tensor(np.asarray(channels, np.float32))
+    return wave.numpy() if rate == SAMPLE_RATE else torchaudio.functional.resample(wave, rate, SAMPLE_RATE).numpy()
+
+
 def audio_features(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """16 kHz mono waveform -> normalised fbank clips, float32 [3, 1, 128, 204]."""
+    """16 kHz waveform, mono [N] or channels [C, N] -> normalised fbank clips, float32 [3, 1, 128, 204].
+
+    With several channels, as the official loader: each clip's mean over all channels is removed, then
+    `kaldi.fbank` takes channel 0 (its default)."""
     import torchaudio.compliance.kaldi as kaldi
 
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"audio must be resampled to {SAMPLE_RATE} Hz first (got {sample_rate})")
-    wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
+    wave = torch.as_tensor(waveform, dtype=torch.float32)
+    wave = wave.reshape(1, -1) if wave.ndim == 1 else wave
     clips = []
     for start, end in clip_windows(wave.shape[1] / sample_rate, AUDIO_CLIPS):
         segment = wave[:, int(start * sample_rate) : int(end * sample_rate)]
@@ -178,13 +192,21 @@ def short_side_resize(frames: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def vision_inputs(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [clips, 2, H, W, 3] (short side 224) -> [clips * crops, 3, 2, 224, 224], CLIP-normalised.
+    """uint8 [clips, 2, H, W, 3] -> [clips * crops, 3, 2, 224, 224], CLIP-normalised.
 
-    Three spatial crops per clip as in the official recipe; when the frames are already square the
-    three crops are the same pixels, so one is kept (their embeddings' mean is that embedding).
+    As the official recipe: to [0, 1], short side scaled to 224 in float (pytorchvideo ShortSideScale,
+    bilinear), normalised, three spatial crops per clip (uniform_crop: the centre offset is
+    ceil((w - 224) / 2)); when the frames are already square the three crops are the same pixels, so
+    one is kept (their embeddings' mean is that embedding).
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)  # S, T, H, W, C
     x = x.permute(0, 4, 1, 2, 3)  # S, C, T, H, W
+    h, w = x.shape[-2:]
+    if min(h, w) != IMAGE_SIZE:
+        new_h, new_w = (IMAGE_SIZE, int(np.floor(w / h * IMAGE_SIZE))) if h <= w else (int(np.floor(h / w * IMAGE_SIZE)), IMAGE_SIZE)
+        s, c, t = x.shape[:3]
+        x = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(s * t, c, h, w), size=(new_h, new_w), mode="bilinear", align_corners=False)
+        x = x.reshape(s, t, c, new_h, new_w).permute(0, 2, 1, 3, 4)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
     x = (x - mean) / std
@@ -194,11 +216,11 @@ def vision_inputs(frames: np.ndarray) -> torch.Tensor:
     crops = []
     for index in range(SPATIAL_CROPS):  # pytorchvideo uniform_crop: 0 = left/top, 1 = centre, 2 = right/bottom
         if w >= h:
-            x0 = {0: 0, 1: (w - IMAGE_SIZE) // 2, 2: w - IMAGE_SIZE}[index]
-            y0 = (h - IMAGE_SIZE) // 2
+            x0 = {0: 0, 1: -(-(w - IMAGE_SIZE) // 2), 2: w - IMAGE_SIZE}[index]
+            y0 = -(-(h - IMAGE_SIZE) // 2)
         else:
-            y0 = {0: 0, 1: (h - IMAGE_SIZE) // 2, 2: h - IMAGE_SIZE}[index]
-            x0 = (w - IMAGE_SIZE) // 2
+            y0 = {0: 0, 1: -(-(h - IMAGE_SIZE) // 2), 2: h - IMAGE_SIZE}[index]
+            x0 = -(-(w - IMAGE_SIZE) // 2)
         crops.append(x[..., y0 : y0 + IMAGE_SIZE, x0 : x0 + IMAGE_SIZE])
     return torch.stack(crops, dim=1).flatten(0, 1)
 

@@ -37,7 +37,7 @@ from pipelines.meld import Utterance, read_splits
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "2"  # 2: active-speaker stage replaces the largest-face crop
+PIPELINE_VERSION = "3"  # 2: active-speaker stage replaces the largest-face crop; 3: official numerics, shots
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 
@@ -179,7 +179,7 @@ def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
     checkpoint = str(pc.talknet_checkpoint) if pc.talknet_checkpoint else None
     crops = str(pc.save_crops) if pc.save_crops else None
     s3fd = str(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None
-    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops, s3fd)
+    return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops, s3fd, pc.asd_faithful)
 
 
 def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
@@ -188,7 +188,7 @@ def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
         encoder=encoder, weights=weights, fusion=pc.fusion, pipeline=PIPELINE_VERSION, asd=pc.asd_method,
         asd_threshold=pc.asd_threshold, detect_every=pc.detect_every, crop_margin=pc.crop_margin,
         talknet=file_sha256(pc.talknet_checkpoint) if pc.talknet_checkpoint else None,
-        s3fd=file_sha256(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None,
+        s3fd=file_sha256(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None, asd_faithful=pc.asd_faithful,
         # only when not the default, so that stores written before the option keep their hashes
         **({"encoder_dtype": pc.encoder_dtype} if pc.encoder_dtype != "float32" else {}),
     )  # fmt: skip

@@ -48,7 +48,8 @@ class ClipEmbedder:
         self.config = config
         self.speaker = _speaker_settings(config)
         checkpoint = str(config.imagebind_checkpoint) if config.imagebind_checkpoint else None
-        self.encoder_stage = ImageBindStage(checkpoint=checkpoint, size=config.imagebind_size, seed=config.seed)
+        self.encoder_stage = ImageBindStage(checkpoint=checkpoint, size=config.imagebind_size, seed=config.seed,
+                                           dtype=config.encoder_dtype)
         self.encoder = f"imagebind-{resolve_size(config.imagebind_checkpoint, config.imagebind_size)}"
         self.encoder_checkpoint = checkpoint_id(config.imagebind_checkpoint, config.seed)
         self.config_hash = _config_hash(config, self.encoder, self.encoder_checkpoint)

@@ -7,7 +7,8 @@ one square anchor per cell (sizes 16..512 at strides 4..128). The first level us
 background" trick (3 background scores, the largest kept).
 
 It needs real weights: merg never detects with a random S3FD (the stage uses Haar cascades unless
-a checkpoint is given).
+a checkpoint is given). Post-processing is the demo's (`suppress`: threshold 0.9, NMS 0.3, NMS 0.1);
+`detect_batch` runs a batch of frames through one forward.
 """
 
 from __future__ import annotations
@@ -100,20 +101,50 @@ def decode(loc: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return torch.cat([centre - size / 2, centre + size / 2], 1)
 
 
-@torch.inference_mode()
-def detect(model: S3FD, frame_rgb: np.ndarray, threshold: float = 0.9, nms: float = 0.3, scale: float = 0.25) -> np.ndarray:
-    """Face boxes (x0, y0, x1, y1) in `frame_rgb`'s pixels, as the TalkNet demo runs S3FD (0.25 scale)."""
-    import cv2
-    from torchvision.ops import nms as box_nms
+DEMO_SCALE = 0.25  # the demo's --facedetScale: S3FD sees the full frame at a quarter of its size
+DEMO_THRESHOLD = 0.9  # detect_faces(conf_th=0.9)
+NMS_IOU, DEMO_NMS_IOU = 0.3, 0.1  # the detector's own NMS, then detect_faces' second one
 
-    height, width = frame_rgb.shape[:2]
-    image = cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    x = torch.from_numpy(image - np.array(MEAN_RGB, np.float32)).permute(2, 0, 1)[None]
-    loc, score, sizes = (v.cpu() if torch.is_tensor(v) else v for v in model(x.to(next(model.parameters()).device)))
-    boxes = decode(loc[0], priors(tuple(x.shape[-2:]), sizes)) * torch.tensor([width, height, width, height])
-    keep = score[0] > threshold
-    boxes, kept_scores = boxes[keep], score[0][keep]
-    return boxes[box_nms(boxes, kept_scores, nms)].numpy()
+
+def suppress(boxes: torch.Tensor, scores: torch.Tensor, threshold: float = DEMO_THRESHOLD) -> np.ndarray:
+    """The demo's post-processing of decoded boxes: scores above `threshold`, NMS at IoU 0.3 (the
+    detector's `Detect`), then a second NMS at IoU 0.1 over the kept boxes (`S3FD.detect_faces`).
+
+    Thresholding first keeps the same boxes as the detector's NMS over scores > 0.05 followed by the
+    threshold: a box above it can only be suppressed by a higher-scoring one, also above it.
+    """
+    from torchvision.ops import nms
+
+    keep = scores > threshold
+    boxes, scores = boxes[keep], scores[keep]
+    first = nms(boxes, scores, NMS_IOU)
+    boxes, scores = boxes[first], scores[first]
+    return boxes[nms(boxes, scores, DEMO_NMS_IOU)].numpy()
+
+
+def preprocess(frame_rgb: np.ndarray, scale: float) -> torch.Tensor:
+    """One RGB frame -> the detector's input [3, h, w]: resized by `scale` (bilinear), BGR means removed."""
+    import cv2
+
+    image = frame_rgb if scale == 1.0 else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(image.astype(np.float32) - np.array(MEAN_RGB, np.float32)).permute(2, 0, 1)
+
+
+@torch.inference_mode()
+def detect_batch(model: S3FD, frames_rgb: np.ndarray, threshold: float = DEMO_THRESHOLD, scale: float = DEMO_SCALE) -> list[np.ndarray]:
+    """Face boxes (x0, y0, x1, y1) in the frames' pixels, for a batch of same-sized RGB frames: one
+    forward for all of them, each frame's boxes post-processed as the demo does."""
+    height, width = frames_rgb.shape[1:3]
+    x = torch.stack([preprocess(frame, scale) for frame in frames_rgb])
+    loc, score, sizes = model(x.to(next(model.parameters()).device))
+    anchors = priors(tuple(x.shape[-2:]), sizes)
+    to_pixels = torch.tensor([width, height, width, height])
+    return [suppress(decode(loc[i].float().cpu(), anchors) * to_pixels, score[i].float().cpu(), threshold) for i in range(len(x))]
+
+
+def detect(model: S3FD, frame_rgb: np.ndarray, threshold: float = DEMO_THRESHOLD, scale: float = DEMO_SCALE) -> np.ndarray:
+    """Face boxes (x0, y0, x1, y1) in `frame_rgb`'s pixels, as the TalkNet demo runs S3FD (0.25 scale)."""
+    return detect_batch(model, frame_rgb[None], threshold, scale)[0]
 
 
 def load_s3fd(path: Path | str) -> S3FD:

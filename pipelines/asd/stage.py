@@ -1,28 +1,35 @@
-"""The active-speaker stage: detect faces, track them, score each track, pick the speaker.
+"""The active-speaker stage: detect faces, track them within shots, score each track, pick the speaker.
 
-    frames at 25 fps (small) -> faces on every k-th frame -> IoU tracks -> a score per track
-    (`sync`, or TalkNet with its checkpoint) -> the best track, if it passes the threshold, speaks
+    frames at 25 fps -> shot cuts (PySceneDetect's ContentDetector) -> faces (Haar, or S3FD with its
+    checkpoint) -> IoU tracks within each shot -> a score per track (`sync`, or TalkNet with its
+    checkpoint) -> the best track, if it passes the threshold, speaks
 
-Frames for detection and scoring are decoded small (short side <= 360 px): faces in MELD's frames are
-large and the mouth-motion signal does not need more. The chosen track's boxes are then used to cut
-the speaker's face out of the full-resolution frames ImageBind sees.
+Two modes. `faithful` (the default whenever a TalkNet or S3FD checkpoint is given) does what TalkNet's
+demo does: S3FD on every frame at 0.25 of the full-resolution frame, tracks of more than 10 detected
+frames, TalkNet's face crops cut from the full-resolution frames (two streaming passes over the clip,
+so a long clip's full frames are never all in memory at once). `fast` detects on every k-th frame of
+small frames (short side <= 360 px) and keeps tracks spanning 10 frames. Either way the chosen track's
+boxes (small-frame pixels x `scale`) cut the speaker's face out of the full-resolution frames ImageBind sees.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import cv2
 import numpy as np
 
+from pipelines.asd.shots import ShotCuts, shot_cuts
 from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
 from pipelines.asd.tracking import Track, build_tracks
-from pipelines.media import crop_square, rms_per_frame
+from pipelines.media import rms_per_frame
 
 ASD_FPS = 25.0
 SCORE_SHORT_SIDE = 360  # frames for tracking and mouth motion
 DETECT_SHORT_SIDE = 240  # faces are found on a further downscaled copy: Haar's cost grows with pixels
+MIN_TRACK = 10  # the demo's --minTrack: shorter shots are skipped; faithful tracks need more detections
+S3FD_BATCH = 16  # frames per S3FD forward
 
 
 @dataclass
@@ -33,13 +40,18 @@ class SpeakerResult:
     track: Track | None  # boxes in the small frames' pixels, frames at ASD_FPS
     scale: float  # small frame pixels -> full frame pixels
     n_tracks: int
+    # the speaker in other shots: the best-ranked track of every other shot
+    other_shots: list[Track] = field(default_factory=list)
 
     def box_at(self, time_s: float) -> np.ndarray | None:
-        """The speaker's box (full-resolution pixels) at a time, clamped to the track's span."""
+        """The speaker's box (full-resolution pixels) at a time: from the nearest in time of `track` and
+        `other_shots` (after a cut the speaker is another track), clamped to its span."""
         if self.track is None:
             return None
-        index = int(np.clip(round(time_s * ASD_FPS) - self.track.frames[0], 0, len(self.track) - 1))
-        return self.track.boxes[index] * self.scale
+        frame = round(time_s * ASD_FPS)
+        track = min([self.track, *self.other_shots], key=lambda t: max(t.frames[0] - frame, frame - t.frames[-1], 0))
+        index = int(np.clip(frame - track.frames[0], 0, len(track) - 1))
+        return track.boxes[index] * self.scale
 
 
 @lru_cache(maxsize=1)  # one classifier per worker process, loaded on first use
@@ -61,6 +73,11 @@ def detect_faces(frame_rgb: np.ndarray, min_size: int = 20) -> np.ndarray:
     return np.stack([faces[:, 0], faces[:, 1], faces[:, 0] + faces[:, 2], faces[:, 1] + faces[:, 3]], axis=1)
 
 
+def _frame_indices_25fps(n_native: int, native_fps: float) -> np.ndarray:
+    times = np.arange(0.0, n_native / native_fps, 1.0 / ASD_FPS)
+    return np.minimum(np.round(times * native_fps).astype(int), n_native - 1)
+
+
 def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np.ndarray, float]:
     """All frames resampled to 25 fps and scaled to `short_side`; returns (frames, small->full scale)."""
     import decord
@@ -72,29 +89,107 @@ def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np
     reader = probe if scale == 1.0 else decord.VideoReader(
         path, num_threads=1, width=int(round(width / scale / 2) * 2), height=int(round(height / scale / 2) * 2)
     )  # fmt: skip
-    times = np.arange(0.0, n_native / native_fps, 1.0 / ASD_FPS)
-    indices = np.minimum(np.round(times * native_fps).astype(int), n_native - 1)
+    indices = _frame_indices_25fps(n_native, native_fps)
     return reader.get_batch(indices.tolist()).asnumpy(), width / reader[0].shape[1]
 
 
-def detect_every_kth(frames: np.ndarray, k: int = 5, s3fd=None) -> list[np.ndarray]:
-    """Face boxes on every k-th frame and the last (Haar, or S3FD when a loaded model is given);
-    the frames between get none (tracks interpolate)."""
-    if s3fd is not None:
-        from pipelines.asd.s3fd import detect
+def iter_full_frames(path: str, chunk: int = 32):
+    """(first index, full-resolution RGB frames) at 25 fps, `chunk` frames at a time."""
+    import decord
 
-        # the demo runs S3FD at 0.25 of 720p; these frames are already ~360p
-        def find(frame):
-            return detect(s3fd, frame, scale=0.5)
-    else:
-        find = detect_faces
+    reader = decord.VideoReader(path, num_threads=1)
+    indices = _frame_indices_25fps(len(reader), float(reader.get_avg_fps()))
+    for start in range(0, len(indices), chunk):
+        yield start, reader.get_batch(indices[start : start + chunk].tolist()).asnumpy()
+
+
+@dataclass
+class ClipFrames:
+    """What the speaker stage needs of a clip's video, all at 25 fps."""
+
+    small: np.ndarray  # [n, h, w, 3] short side <= 360: tracks, `sync` and contact sheets are in these pixels
+    scale: float  # small pixels -> full-resolution pixels
+    cuts: list[int]  # first frame of every shot after the first
+    detect: np.ndarray | None = None  # [n, h', w', 3] S3FD's input (faithful: 0.25 of the full frames)
+    detect_to_small: float = 1.0  # detect pixels -> small pixels
+    path: str | None = None  # faithful TalkNet crops read the full frames again from here
+
+
+def read_clip_frames(path: str, faithful: bool = False, s3fd_scale: float | None = None) -> ClipFrames:
+    """Frames and shot cuts. `fast`: decoded small (decoder-side scaling), cuts on the small frames.
+    `faithful`: the full frames streamed once, giving the small copy, the cuts (on the full frames, as
+    the demo) and, with `s3fd_scale`, S3FD's input at that scale of the full frames."""
+    if not faithful:
+        small, scale = read_small_frames(path)
+        return ClipFrames(small, scale, shot_cuts(small))
+    shots, small, detect = ShotCuts(ASD_FPS), [], []
+    for _, frames in iter_full_frames(path):
+        height, width = frames.shape[1:3]
+        shrink = max(1.0, min(height, width) / SCORE_SHORT_SIDE)
+        size = (int(round(width / shrink / 2) * 2), int(round(height / shrink / 2) * 2))
+        shots.add(frames)
+        small += [cv2.resize(f, size, interpolation=cv2.INTER_AREA) if shrink > 1.0 else f for f in frames]
+        if s3fd_scale:
+            detect += [cv2.resize(f, None, fx=s3fd_scale, fy=s3fd_scale, interpolation=cv2.INTER_LINEAR) for f in frames]
+    small = np.stack(small)
+    detect_frames = np.stack(detect) if detect else None
+    to_small = small.shape[2] / detect_frames.shape[2] if detect else 1.0
+    return ClipFrames(small, width / small.shape[2], shots.cuts(), detect_frames, to_small, path)
+
+
+def detect_every_kth(frames: np.ndarray, k: int = 5, s3fd=None, to_frames: float = 1.0) -> list[np.ndarray]:
+    """Face boxes on every k-th frame and the last (Haar, or S3FD when a loaded model is given), in
+    pixels x `to_frames`; the frames between get none (tracks interpolate). S3FD sees `frames` as they
+    are (the caller resized them), `S3FD_BATCH` frames per forward."""
     n = len(frames)
-    return [find(frames[i]) if i % k == 0 or i == n - 1 else np.zeros((0, 4)) for i in range(n)]
+    chosen = [i for i in range(n) if i % k == 0 or i == n - 1]
+    if s3fd is not None:
+        from pipelines.asd.s3fd import detect_batch
+
+        found = []
+        for start in range(0, len(chosen), S3FD_BATCH):
+            found += detect_batch(s3fd, frames[chosen[start : start + S3FD_BATCH]], scale=1.0)
+    else:
+        found = [detect_faces(frames[i]) for i in chosen]
+    out = [np.zeros((0, 4)) for _ in range(n)]
+    for i, boxes in zip(chosen, found):
+        out[i] = np.asarray(boxes, float).reshape(-1, 4) * to_frames
+    return out
 
 
-def face_tracks(frames: np.ndarray, detect_every: int = 5, s3fd=None) -> list[Track]:
-    """Faces on every `detect_every`-th frame, linked into tracks."""
-    return build_tracks(detect_every_kth(frames, detect_every, s3fd), min_length=min(10, len(frames)))
+def face_tracks(frames: np.ndarray, detect_every: int = 5, s3fd=None, cuts: list[int] | tuple = ()) -> list[Track]:
+    """`fast` mode: faces on every `detect_every`-th frame (S3FD at 0.5 of the small frames, ~0.25 of
+    720p), linked into tracks spanning 10 frames within each shot."""
+    if s3fd is not None:
+        half = np.stack([cv2.resize(f, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_LINEAR) for f in frames])
+        detections = detect_every_kth(half, detect_every, s3fd, to_frames=frames.shape[2] / half.shape[2])
+    else:
+        detections = detect_every_kth(frames, detect_every)
+    return build_tracks(detections, min_length=min(MIN_TRACK, len(frames)), cuts=cuts)
+
+
+def clip_tracks(clip: ClipFrames, faithful: bool, detect_every: int = 5, s3fd=None) -> list[Track]:
+    """Face tracks of a clip, in small-frame pixels, within its shots."""
+    if not faithful:
+        return face_tracks(clip.small, detect_every, s3fd, clip.cuts)
+    if s3fd is not None:
+        detections = detect_every_kth(clip.detect, 1, s3fd, clip.detect_to_small)
+    else:
+        detections = detect_every_kth(clip.small, 1)
+    return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=clip.cuts)
+
+
+def track_looks(frames: np.ndarray, tracks: list[Track]) -> list[np.ndarray]:
+    """A face's appearance per track: the mean colour of the middle of its box over the track."""
+    looks = []
+    for track in tracks:
+        colours = []
+        for f, (x0, y0, x1, y1) in zip(track.frames[:: max(1, len(track) // 8)], track.boxes[:: max(1, len(track) // 8)]):
+            w, h = x1 - x0, y1 - y0
+            patch = frames[f, int(max(0, y0 + h / 4)) : int(max(1, y1 - h / 4)), int(max(0, x0 + w / 4)) : int(max(1, x1 - w / 4))]
+            colours.append(patch.reshape(-1, 3).mean(axis=0) if patch.size else np.zeros(3))
+        looks.append(np.mean(colours, axis=0))
+    return looks
 
 
 def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) -> list[float]:
@@ -103,52 +198,86 @@ def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) 
     return [sync_score(mouth_motion(frames[t.frames], t.boxes), envelope[t.frames]) for t in tracks]
 
 
-TALKNET_WINDOWS_S = (1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)  # the official demo's windows, averaged
+# the demo's `durationSet = {1,1,1,2,2,2,3,3,4,5,6}` is a Python set: windows of 1..6 s, each once
+TALKNET_WINDOWS_S = (1, 2, 3, 4, 5, 6)
 TALKNET_THRESHOLD = 0.0  # a mean speaking logit above 0 means speaking
+AUDIO_PER_FRAME = 16_000 // int(ASD_FPS)  # 640 samples per video frame
 
 
-def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray, model, margin: float = 1.4) -> list[float]:
-    """Mean TalkNet speaking logit of every track, over the official demo's window lengths.
+def talknet_faces(chunks, tracks: list[Track], to_chunk_px: float = 1.0) -> list[np.ndarray]:
+    """Each track's grey 112x112 face crops ([n, 112, 112] uint8) as the demo cuts them, from frames
+    given as (first index, frames) chunks whose pixels are the tracks' x `to_chunk_px`."""
+    from pipelines.asd.talknet import demo_crop_track, demo_face_crop, demo_grey_centre
 
-    Windows of the same length are batched across all tracks (one forward per length and duration
-    rather than one per window and track).
-    """
+    params = [demo_crop_track((t.raw_boxes if t.raw_boxes is not None else t.boxes) * to_chunk_px) for t in tracks]
+    faces = [np.zeros((len(t), 112, 112), np.uint8) for t in tracks]
+    for start, frames in chunks:
+        for t, track in enumerate(tracks):
+            first = track.frames[0]
+            for f in range(max(first, start), min(track.frames[-1] + 1, start + len(frames))):
+                x, y, s = params[t][f - first]
+                faces[t][f - first] = demo_grey_centre(demo_face_crop(frames[f - start], x, y, s))
+    return faces
+
+
+def talknet_track_inputs(faces: np.ndarray, audio_16k: np.ndarray, first_frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """(MFCC [4T, 13], faces [T, 112, 112]) of one track as the demo scores it: the MFCC of the track's
+    own audio (int16 scale), both cut to the demo's common length."""
+    from pipelines.asd.talknet import demo_length, mfcc_100fps
+
+    audio = audio_16k[first_frame * AUDIO_PER_FRAME : (first_frame + len(faces)) * AUDIO_PER_FRAME]
+    mfcc = mfcc_100fps(audio) if len(audio) >= 400 else np.zeros((0, 13), np.float32)
+    n_audio, n_video = demo_length(len(mfcc), len(faces))
+    return mfcc[:n_audio], faces[:n_video]
+
+
+def talknet_frame_scores(inputs: list[tuple[np.ndarray, np.ndarray]], model, decimals: int | None = 1) -> list[np.ndarray]:
+    """Per-frame speaking scores of each track as the demo's `evaluate_network` gives them: the mean over
+    windows of 1..6 s, rounded to 0.1. Windows of the same length are batched across tracks (one forward
+    per window length, not one per window and track; the model treats every sample on its own)."""
     import torch
 
-    from pipelines.asd.talknet import MFCC_PER_FRAME, mfcc_100fps, talknet_inputs
+    from pipelines.asd.talknet import MFCC_PER_FRAME
 
-    mfcc = mfcc_100fps(audio_16k)
-    inputs = []
-    for track in tracks:
-        gray = np.stack([cv2.cvtColor(crop_square(frames[f], box, margin), cv2.COLOR_RGB2GRAY) for f, box in zip(track.frames, track.boxes)])
-        first = track.frames[0] * MFCC_PER_FRAME
-        inputs.append(talknet_inputs(gray, mfcc[first : first + len(track) * MFCC_PER_FRAME]))
-    sums = [np.zeros(video.shape[1], np.float64) for _, video in inputs]
+    sums = [np.zeros(len(video), np.float64) for _, video in inputs]
     device = next(model.parameters()).device
     with torch.inference_mode():
         for seconds in TALKNET_WINDOWS_S:
             step = int(seconds * ASD_FPS)
             by_length: dict[int, list[tuple[int, int]]] = {}
             for t, (_, video) in enumerate(inputs):
-                for start in range(0, video.shape[1], step):
-                    by_length.setdefault(min(step, video.shape[1] - start), []).append((t, start))
+                for start in range(0, len(video), step):
+                    by_length.setdefault(min(step, len(video) - start), []).append((t, start))
             for length, windows in by_length.items():
-                audio = torch.cat([inputs[t][0][:, s * MFCC_PER_FRAME : (s + length) * MFCC_PER_FRAME] for t, s in windows])
-                video = torch.cat([inputs[t][1][:, s : s + length] for t, s in windows])
-                for (t, s), logits in zip(windows, model(audio.to(device), video.to(device)).cpu().numpy()):
-                    sums[t][s : s + length] += logits
-    return [float(total.mean() / len(TALKNET_WINDOWS_S)) if total.size else float("-inf") for total in sums]
+                audio = np.stack([inputs[t][0][s * MFCC_PER_FRAME : (s + length) * MFCC_PER_FRAME] for t, s in windows])
+                video = np.stack([inputs[t][1][s : s + length] for t, s in windows]).astype(np.float32)
+                logits = model(torch.from_numpy(audio).to(device), torch.from_numpy(video).to(device))
+                for (t, s), row in zip(windows, logits.float().cpu().numpy()):
+                    sums[t][s : s + length] += row
+    means = [total / len(TALKNET_WINDOWS_S) for total in sums]
+    return [np.round(m, decimals) for m in means] if decimals is not None else means
+
+
+def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray, model, chunks=None, to_chunk_px: float = 1.0) -> list[float]:
+    """Mean TalkNet speaking score of every track. Face crops come from `frames` (the tracks' pixels) or,
+    faithful, from full-resolution `chunks` (see `talknet_faces`)."""
+    faces = talknet_faces(chunks if chunks is not None else [(0, frames)], tracks, to_chunk_px)
+    inputs = [talknet_track_inputs(f, audio_16k, t.frames[0]) for f, t in zip(faces, tracks)]
+    return [float(s.mean()) if s.size else float("-inf") for s in talknet_frame_scores(inputs, model)]
 
 
 def choose_speaker(
     tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD,
-    method: str = "sync",
+    method: str = "sync", cuts: list[int] | tuple = (), looks: list[np.ndarray] | None = None,
 ) -> SpeakerResult:
     """The track that best follows the speech, visible if its score passes `threshold`.
 
     Tracks are ranked by score x the share of the clip they cover: a correlation over a short track
     fragment (a face the detector lost for a while) is noisy and must not outrank a whole track.
-    Without scores, the longest track is taken.
+    Without scores, the longest track is taken. With `cuts`, one track of every other shot is kept too
+    (`other_shots`: after a cut the speaker is another track), the best-ranked; with `looks`
+    (`track_looks`) faces are followed across shots by their looks and the face with the best score x
+    frames over all its shots is the speaker (a correlation over one short shot is noisy).
     """
     if not tracks:
         return SpeakerResult("none", False, None, None, scale, 0)
@@ -157,25 +286,65 @@ def choose_speaker(
     longest = max(len(t) for t in tracks)
     coverage = [len(t) / longest for t in tracks]
     # sync scores are correlations (>= 0): shrink short fragments; TalkNet logits are ranked as they are
-    best = int(np.argmax([s * c for s, c in zip(scores, coverage)] if method == "sync" else scores))
-    return SpeakerResult(method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks))
+    rank = [s * c for s, c in zip(scores, coverage)] if method == "sync" else list(scores)
+    order = [int(i) for i in np.argsort(rank)[::-1]]
+    best = order[0]
+    shot_of = [int(np.searchsorted(sorted(cuts), t.frames[0], side="right")) for t in tracks]
+    shots = sorted(set(shot_of))
+    if looks is not None and len(shots) > 1:
+        # the speaker does not change at a cut: a face is followed across shots by its looks, and the
+        # face whose tracks follow the speech best over the whole clip (score x frames) is the speaker
+        def same_face(i: int) -> dict[int, int]:
+            return {shot: min((j for j in range(len(tracks)) if shot_of[j] == shot), key=lambda j: np.abs(looks[j] - looks[i]).sum())
+                    for shot in shots if shot != shot_of[i]}  # fmt: skip
+
+        total = [scores[i] * len(tracks[i]) + sum(scores[j] * len(tracks[j]) for j in same_face(i).values()) for i in range(len(tracks))]
+        best = int(np.argmax(total))
+        others = same_face(best)
+    else:
+        others = {}  # tracks never cross a cut: the best track of every other shot is that shot's speaker
+        for i in order:
+            if shot_of[i] != shot_of[best]:
+                others.setdefault(shot_of[i], i)
+    return SpeakerResult(
+        method, scores[best] >= threshold, float(scores[best]), tracks[best], scale, len(tracks), [tracks[i] for i in others.values()]
+    )  # fmt: skip
 
 
 def find_speaker(
-    frames: np.ndarray,
-    scale: float,
+    clip: ClipFrames,
     audio_16k: np.ndarray | None,
     threshold: float = DEFAULT_THRESHOLD,
+    faithful: bool = False,
     detect_every: int = 5,
     talknet=None,
     s3fd=None,
 ) -> SpeakerResult:
-    """Pick the speaking face among the tracks in `frames` (RGB, ASD_FPS), by `sync` or a TalkNet model;
-    faces by Haar cascades, or by a loaded S3FD model."""
-    tracks = face_tracks(frames, detect_every, s3fd)
+    """Pick the speaking face among the tracks of `clip`, by `sync` or a TalkNet model; faces by Haar
+    cascades, or by a loaded S3FD model."""
+    tracks = clip_tracks(clip, faithful, detect_every, s3fd)
     has_speech = audio_16k is not None and np.any(audio_16k)
     if not (tracks and has_speech):
-        return choose_speaker(tracks, None, scale)
+        return choose_speaker(tracks, None, clip.scale)
     if talknet is not None:
-        return choose_speaker(tracks, talknet_scores(frames, tracks, audio_16k, talknet), scale, TALKNET_THRESHOLD, "talknet")
-    return choose_speaker(tracks, sync_scores(frames, tracks, audio_16k), scale, threshold)
+        chunks = iter_full_frames(clip.path) if faithful and clip.path else None
+        scores = talknet_scores(clip.small, tracks, audio_16k, talknet, chunks, clip.scale if chunks is not None else 1.0)
+        return choose_speaker(tracks, scores, clip.scale, TALKNET_THRESHOLD, "talknet", clip.cuts)
+    looks = track_looks(clip.small, tracks) if clip.cuts else None
+    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold, cuts=clip.cuts, looks=looks)
+
+
+def speaker_for_clip(
+    path: str,
+    audio_16k: np.ndarray | None,
+    threshold: float = DEFAULT_THRESHOLD,
+    faithful: bool = False,
+    detect_every: int = 5,
+    talknet=None,
+    s3fd=None,
+) -> tuple[SpeakerResult, ClipFrames]:
+    """The whole speaker stage on one decoded clip, in this process (no Ray): read, detect, track, score."""
+    from pipelines.asd.s3fd import DEMO_SCALE
+
+    clip = read_clip_frames(path, faithful, DEMO_SCALE if (faithful and s3fd is not None) else None)
+    return find_speaker(clip, audio_16k, threshold, faithful, detect_every, talknet, s3fd), clip

@@ -282,8 +282,66 @@ def talknet_inputs(gray_faces: np.ndarray, mfcc: np.ndarray) -> tuple[torch.Tens
     return audio, video
 
 
+def as_int16_pcm(audio: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16 as FFmpeg writes `pcm_s16le` (x * 32768, rounded, clipped).
+
+    The demo reads its 16 kHz wav with `scipy.io.wavfile`, so TalkNet was trained on int16-scale samples.
+    """
+    if audio.dtype == np.int16:
+        return audio
+    return np.clip(np.rint(np.asarray(audio, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def mfcc_100fps(audio_16k: np.ndarray) -> np.ndarray:
-    """13 MFCC at 100 frames/s (25 ms window, 10 ms step), as TalkNet was trained: [frames, 13]."""
+    """13 MFCC at 100 frames/s (25 ms window, 10 ms step) of int16-scale samples, as TalkNet was trained:
+    [frames, 13]. Float input in [-1, 1] is scaled first (c0 would otherwise be off by 2 ln 32768)."""
     from python_speech_features import mfcc
 
-    return mfcc(audio_16k, 16_000, numcep=13, winlen=0.025, winstep=0.010).astype(np.float32)
+    return mfcc(as_int16_pcm(audio_16k), 16_000, numcep=13, winlen=0.025, winstep=0.010).astype(np.float32)
+
+
+# ---- the official demo's face crop and lengths (demoTalkNet.py crop_video / evaluate_network) ----------
+CROP_SCALE = 0.40  # the demo's --cropScale
+SMOOTH_KERNEL = 13
+
+
+def demo_crop_track(boxes: np.ndarray) -> np.ndarray:
+    """A track's per-frame (x, y, s): box centre and half of its longer side, each median-filtered over 13
+    frames with zero padding at the ends (`scipy.signal.medfilt`), as the demo's `crop_video` smooths."""
+    from scipy.signal import medfilt
+
+    boxes = np.asarray(boxes, np.float64)
+    s = np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2
+    y, x = (boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 0] + boxes[:, 2]) / 2
+    return np.stack([medfilt(v, kernel_size=SMOOTH_KERNEL) for v in (x, y, s)], axis=1)
+
+
+def demo_face_crop(frame: np.ndarray, x: float, y: float, s: float, crop_scale: float = CROP_SCALE) -> np.ndarray:
+    """The demo's 224x224 face crop: the frame padded by int(s(1 + 2 cs)) with grey 110, rows
+    [y - s, y + s(1 + 2 cs)] and columns [x - s(1 + cs), x + s(1 + cs)], resized (bilinear) to 224.
+
+    The window sits low on the face (mouth towards the centre): its centre 112x112 is what TalkNet sees.
+    """
+    import cv2
+
+    pad = int(s * (1 + 2 * crop_scale))
+    padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), "constant", constant_values=110)
+    my, mx = y + pad, x + pad
+    face = padded[int(my - s) : int(my + s * (1 + 2 * crop_scale)), int(mx - s * (1 + crop_scale)) : int(mx + s * (1 + crop_scale))]
+    return cv2.resize(face, (224, 224))
+
+
+def demo_grey_centre(face_224_rgb: np.ndarray) -> np.ndarray:
+    """What `evaluate_network` takes from a 224 crop: grey, then the centre 112x112 (uint8)."""
+    import cv2
+
+    lo, hi = 112 - CROP // 2, 112 + CROP // 2
+    return cv2.cvtColor(face_224_rgb, cv2.COLOR_RGB2GRAY)[lo:hi, lo:hi]
+
+
+def demo_length(n_mfcc: int, n_video: int) -> tuple[int, int]:
+    """(MFCC frames, video frames) the demo scores: the shorter of audio (cut to a multiple of 4 MFCC
+    frames) and video, in seconds; a track's own audio gives 4n - 1 MFCC frames for n video frames, so
+    its last video frame is not scored."""
+    length = min((n_mfcc - n_mfcc % 4) / 100, n_video / 25)
+    return int(round(length * 100)), int(round(length * 25))

@@ -2,9 +2,12 @@
 
 Detections are linked frame to frame by IoU (> 0.5 by default), tolerating up to `max_gap` frames
 without a detection (detecting on every k-th frame is fine); tracks shorter than `min_length` frames
-are dropped; boxes are linearly interpolated over the gaps, then the box centre and size are median
-smoothed (edges repeat the nearest value). Unlike the demo, which takes the first overlapping detection, a track takes the one that
-overlaps it most, so two faces passing close to each other keep their identities.
+are dropped (or, as the demo does, tracks with `min_detections` or fewer detected frames); tracks never
+cross a shot boundary (the demo tracks shot by shot); boxes are linearly interpolated over the gaps, then
+the box centre and size are median smoothed (edges repeat the nearest value); the interpolated, unsmoothed
+boxes are kept too (`raw_boxes`: the demo smooths them its own way when it crops). Unlike the demo, which
+takes the first overlapping detection, a track takes the one that overlaps it most, so two faces passing
+close to each other keep their identities.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from scipy.ndimage import median_filter
 @dataclass
 class Track:
     frames: np.ndarray  # consecutive frame indices, int [n]
-    boxes: np.ndarray  # (x0, y0, x1, y1) per frame, float [n, 4]
+    boxes: np.ndarray  # (x0, y0, x1, y1) per frame, float [n, 4], smoothed
+    raw_boxes: np.ndarray | None = None  # the same, interpolated but not smoothed
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -65,18 +69,31 @@ def build_tracks(
     max_gap: int = 10,
     min_length: int = 10,
     smooth_kernel: int = 13,
+    min_detections: int = 0,
+    cuts: list[int] | tuple[int, ...] = (),
 ) -> list[Track]:
-    """Tracks from detections per frame (each an array [k, 4] of boxes, k may be 0)."""
+    """Tracks from detections per frame (each an array [k, 4] of boxes, k may be 0), shot by shot.
+
+    `cuts`: the first frame of every shot after the first; a shot shorter than `min_length` frames is
+    skipped, as the demo skips shots shorter than its `minTrack`. `min_detections`: a track needs more
+    detected frames than this (the demo's `len(track) > minTrack`, with faces detected on every frame).
+    """
+    bounds = [0, *[c for c in sorted(cuts) if 0 < c < len(detections)], len(detections)]
     out = []
-    for linked in link_detections(detections, iou_threshold, max_gap):
-        frames = np.array([f for f, _ in linked])
-        boxes = np.stack([b for _, b in linked])
-        every = np.arange(frames[0], frames[-1] + 1)
-        if len(every) < min_length:
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end - start < min_length:
             continue
-        filled = np.stack([np.interp(every, frames, boxes[:, i]) for i in range(4)], axis=1)
-        cx, cy = (filled[:, 0] + filled[:, 2]) / 2, (filled[:, 1] + filled[:, 3]) / 2
-        half_w, half_h = (filled[:, 2] - filled[:, 0]) / 2, (filled[:, 3] - filled[:, 1]) / 2
-        cx, cy, half_w, half_h = (_smooth(v, smooth_kernel) for v in (cx, cy, half_w, half_h))
-        out.append(Track(every, np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)))
+        for linked in link_detections(detections[start:end], iou_threshold, max_gap):
+            if len(linked) <= min_detections:
+                continue
+            frames = np.array([f for f, _ in linked]) + start
+            boxes = np.stack([b for _, b in linked])
+            every = np.arange(frames[0], frames[-1] + 1)
+            if len(every) < min_length:
+                continue
+            filled = np.stack([np.interp(every, frames, boxes[:, i]) for i in range(4)], axis=1)
+            cx, cy = (filled[:, 0] + filled[:, 2]) / 2, (filled[:, 1] + filled[:, 3]) / 2
+            half_w, half_h = (filled[:, 2] - filled[:, 0]) / 2, (filled[:, 3] - filled[:, 1]) / 2
+            cx, cy, half_w, half_h = (_smooth(v, smooth_kernel) for v in (cx, cy, half_w, half_h))
+            out.append(Track(every, np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1), filled))
     return out

@@ -83,7 +83,7 @@ def generate(config: SynthConfig, meld_text: Path | None = None) -> SynthReport:
         ClipJob(
             line=line, out_path=out / CLIP_DIRS[line.split] / clip_filename(line.dialogue_id, line.utterance_id), seed=config.seed,
             min_duration=config.min_duration, max_duration=config.max_duration,
-            two_face_prob=config.two_face_prob,
+            two_face_prob=config.two_face_prob, cut_prob=config.cut_prob,
             render_fault=faults.get(line.key) if faults.get(line.key) in RENDER_FAULTS else None,
         )  # fmt: skip
         for line in lines

@@ -30,6 +30,7 @@ class ClipJob:
     min_duration: float = 0.5
     max_duration: float = 6.0
     two_face_prob: float = 0.5
+    cut_prob: float = 0.0  # share of two-face clips rendered as shot / reverse shot with one cut
     render_fault: str | None = None  # "no_audio" | "short_clip" | "one_frame"
 
 
@@ -105,6 +106,13 @@ def render_clip(job: ClipJob) -> dict[str, Any]:
         )
 
     backdrop = _background(width, height, scene_rng)
+    # shot / reverse shot: from frame `cut` on, the camera looks from the other side of the room (another
+    # backdrop, the two faces swap sides); both shots last >= 15 frames, PySceneDetect's shortest scene
+    cut_rng = _rng(job.seed, "cut", line.key)
+    cut = None
+    if two_faces and n_frames >= 40 and job.cut_prob > 0 and cut_rng.random() < job.cut_prob:
+        cut = int(cut_rng.integers(int(n_frames * 0.35), int(n_frames * 0.65) + 1))
+        reverse = _background(width, height, _rng(job.seed, "reverse", line.split, line.dialogue_id))
     cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "bgr24",
            "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="merg-synth-") as tmp:
@@ -119,10 +127,12 @@ def render_clip(job: ClipJob) -> dict[str, Any]:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdin is not None
         for i in range(n_frames):
-            frame = backdrop.copy()
+            reversed_shot = cut is not None and i >= cut
+            frame = (reverse if reversed_shot else backdrop).copy()
             t = i / fps
             for face in faces:
-                cx = face["cx"] + face["amp"][0] * np.sin(2 * np.pi * face["freq"] * t + face["phase"])
+                home = width - face["cx"] if reversed_shot else face["cx"]
+                cx = home + face["amp"][0] * np.sin(2 * np.pi * face["freq"] * t + face["phase"])
                 cy = face["cy"] + face["amp"][1] * np.cos(2 * np.pi * face["freq"] * t + face["phase"])
                 expression = line.emotion if face["speaking"] else "neutral"
                 draw_face(frame, cx, cy, face_w, face["look"], expression,
@@ -137,6 +147,6 @@ def render_clip(job: ClipJob) -> dict[str, Any]:
         duration=round(duration, 4), fps=fps, width=width, height=height, n_frames=n_frames,
         has_audio=job.render_fault != "no_audio", speech_start=round(lead, 4),
         speech_end=round(lead + len(spoken) / sample_rate, 4),
-        speaker_face=speaker_slot,
+        speaker_face=speaker_slot, cuts=[cut] if cut is not None else [],
         faces=[dict(identity=f["identity"], speaking=f["speaking"], boxes=f["boxes"]) for f in faces],
     )  # fmt: skip

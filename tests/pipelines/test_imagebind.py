@@ -137,3 +137,58 @@ def test_encoder_dtype_casts_the_same_weights_and_rejects_unknown_ones():
     assert cosine.min() > 0.99
     with pytest.raises(ValueError, match="encoder dtype"):
         ImageBindEncoder(seed=0, dtype="int8")
+
+
+def test_audio_is_channel_0_of_a_stereo_file_as_imagebind_loads_it(tmp_path):
+    """facebookresearch/ImageBind imagebind/data.py `load_and_transform_audio_data` ~l.138-157: torchaudio
+    loads every channel, `torchaudio.functional.resample`s to 16 kHz, removes the clip's mean over all
+    channels (~l.34) and `kaldi.fbank` takes channel 0, its default: no downmix."""
+    import av
+    import torchaudio.compliance.kaldi as kaldi
+    import torchaudio.functional
+
+    from pipelines.decode import read_audio_16k, read_audio_channels
+    from pipelines.imagebind import resample_channels
+
+    t = np.arange(48_000 * 2) / 48_000
+    left, right = 0.3 * np.sin(2 * np.pi * 300 * t), 0.3 * np.sin(2 * np.pi * 2500 * t)
+    path = tmp_path / "stereo.wav"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=48_000, layout="stereo")
+        frame = av.AudioFrame.from_ndarray((np.stack([left, right]) * 32767).astype(np.int16).T.reshape(1, -1).copy(), format="s16", layout="stereo")
+        frame.sample_rate = 48_000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    channels, rate = read_audio_channels(path)
+    assert channels.shape == (2, 96_000) and rate == 48_000
+    np.testing.assert_allclose(channels[0], left, atol=1e-4)
+    features = audio_features(resample_channels(channels, rate))
+
+    wave = torchaudio.functional.resample(torch.from_numpy(channels), 48_000, 16_000)[:, :32_000]
+    wave = wave - wave.mean()
+    fbank = kaldi.fbank(wave, htk_compat=True, sample_frequency=16_000, use_energy=False, window_type="hanning",
+                        num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10)  # fmt: skip
+    np.testing.assert_allclose(features[0, 0, :, :198], (fbank.T.numpy() - AUDIO_MEAN) / AUDIO_STD, rtol=1e-5, atol=1e-5)
+    downmix = audio_features(read_audio_16k(path))
+    assert np.abs(downmix - features).max() > 0.5  # the downmix is not what ImageBind was trained on
+
+
+def test_centre_crop_offset_is_ceil_as_pytorchvideo_uniform_crop():
+    """facebookresearch/ImageBind imagebind/data.py `uniform_crop` ~l.226-227: offsets are
+    ceil((size - 224) / 2), so an odd surplus puts the extra pixel on the left."""
+    ramp = np.tile(np.arange(225, dtype=np.uint8)[None, :, None], (224, 1, 3))
+    crops = vision_inputs(np.broadcast_to(ramp, (1, 2, 224, 225, 3)))
+    first_column = crops[1, 0, 0, 0, 0].item() * CLIP_STD[0] + CLIP_MEAN[0]
+    assert round(first_column * 255) == 1  # centre crop starts at column ceil(1 / 2) = 1
+
+
+def test_vision_resize_is_in_float_as_short_side_scale():
+    """data.py ~l.317-347: frames / 255 then pytorchvideo ShortSideScale (bilinear on floats), then
+    Normalize: no rounding back to uint8 in between."""
+    frames = np.random.default_rng(0).integers(0, 255, (1, 2, 300, 451, 3), dtype=np.uint8)
+    x = vision_inputs(frames)
+    video = torch.from_numpy(frames[0]).float().div(255).permute(0, 3, 1, 2)  # T, C, H, W
+    scaled = torch.nn.functional.interpolate(video, size=(224, int(np.floor(451 / 300 * 224))), mode="bilinear", align_corners=False)
+    scaled = (scaled - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    offset = int(np.ceil((scaled.shape[-1] - 224) / 2))
+    np.testing.assert_allclose(x[1].permute(1, 0, 2, 3).numpy(), scaled[..., offset : offset + 224].numpy(), atol=1e-5)

@@ -103,7 +103,7 @@ def test_encoder_stage_isolates_a_bad_input():
     from pipelines.job import ImageBindStage
 
     frames = np.empty(2, dtype=object)
-    frames[0], frames[1] = np.zeros((5, 2, 224, 224, 3), np.uint8), np.zeros((5, 2, 10, 10, 3), np.uint8)
+    frames[0], frames[1] = np.zeros((5, 2, 224, 224, 3), np.uint8), np.zeros((5, 2, 224, 224, 4), np.uint8)  # 4 channels (any size is resized now)
     empty = lambda: np.array(["", ""], dtype=object)  # noqa: E731
     batch = {
         "key": np.array(["test/dia0_utt0", "test/dia0_utt1"], dtype=object), "has_audio_feat": np.array([True, False]),

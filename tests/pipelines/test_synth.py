@@ -153,3 +153,35 @@ def test_bank_labels_follow_meld_distribution():
 def test_dialogues_per_split_sums_and_covers_every_split(total):
     counts = dialogues_per_split(total, SynthConfig().split_fractions)
     assert sum(counts.values()) == total and min(counts.values()) >= 1
+
+
+@pytest.mark.slow
+def test_shot_reverse_shot_clip_has_one_cut_the_stage_finds_and_no_track_crosses(tmp_path):
+    """A two-face clip rendered with a cut: the camera turns (another backdrop, the faces swap sides);
+    `ground_truth` records the cut, the shot detector finds it, tracks stay within shots and the
+    speaker's box is right on both sides of the cut."""
+    from pipelines.asd.stage import ASD_FPS, speaker_for_clip
+    from pipelines.decode import read_audio_16k
+    from pipelines.meld import Utterance
+    from pipelines.synth.clip import ClipJob, ffmpeg_available, render_clip
+
+    if not ffmpeg_available():
+        pytest.skip("ffmpeg not installed")
+    line = Utterance("train", 0, 0, "Monica", "Okay, so what you are telling me is that we have to go back there now.",
+                     "neutral", "neutral", None, None, "", "", None, "found")  # fmt: skip
+    path = tmp_path / "dia0_utt0.mp4"
+    truth = render_clip(ClipJob(line, path, seed=3, min_duration=3.0, two_face_prob=1.0, cut_prob=1.0))
+    assert len(truth["cuts"]) == 1 and len(truth["faces"]) == 2
+    cut = truth["cuts"][0]
+    speaker = truth["faces"][truth["speaker_face"]]["boxes"]
+    assert (speaker[cut - 1][0] < truth["width"] / 2) != (speaker[cut][0] < truth["width"] / 2)  # sides swap
+
+    result, clip = speaker_for_clip(str(path), read_audio_16k(path))
+    cut_25 = round(cut / truth["fps"] * ASD_FPS)
+    assert [abs(c - cut_25) <= 1 for c in clip.cuts] == [True]
+    for t in [result.track, *result.other_shots]:
+        assert not (t.frames[0] < cut_25 - 1 and t.frames[-1] > cut_25 + 1)
+    for frame_25 in (cut_25 // 2, (cut_25 + len(clip.small)) // 2):
+        box = result.box_at(frame_25 / ASD_FPS)
+        x0, y0, x1, y1 = speaker[min(round(frame_25 / ASD_FPS * truth["fps"]), truth["n_frames"] - 1)]
+        assert x0 <= (box[0] + box[2]) / 2 <= x1 and y0 <= (box[1] + box[3]) / 2 <= y1

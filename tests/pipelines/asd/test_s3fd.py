@@ -41,6 +41,7 @@ def test_checkpoint_loads_strictly_and_mismatch_fails(tmp_path):
         load_s3fd(tmp_path / "bad.pth")
 
 
+@pytest.mark.slow  # faithful mode on CPU: every frame, TalkNet's 6 window lengths
 def test_stage_detects_with_s3fd_when_given_a_checkpoint(mini_meld, tmp_path):
     from pipelines.decode import SpeakerSettings, decode_clip
     from pipelines.synth import read_ground_truth
@@ -50,3 +51,28 @@ def test_stage_detects_with_s3fd_when_given_a_checkpoint(mini_meld, tmp_path):
     clip = decode_clip(truth["key"], mini_meld / truth["clip"], speaker=SpeakerSettings(s3fd_checkpoint=str(tmp_path / "sfd_face.pth")))
     assert clip.failure is None and clip.frames.shape == (5, 2, 224, 224, 3)
     assert clip.asd_method in ("sync", "none")
+
+
+def test_second_nms_at_iou_0_1_merges_boxes_the_first_keeps():
+    """TaoRuijie/TalkNet-ASD model/faceDetector/s3fd/__init__.py ~l.63: after the detector's NMS at IoU 0.3
+    (box_utils.py `Detect`, nms_thresh=0.3) `detect_faces` runs `nms_(bboxes, 0.1)`: two boxes overlapping
+    with IoU 0.2 end as one (the higher-scoring), a box over 0.9 is needed, and distant faces both stay."""
+    from pipelines.asd.s3fd import suppress
+
+    boxes = torch.tensor([[0.0, 0, 100, 100], [50, 0, 150, 100], [300, 0, 400, 100], [0, 200, 100, 300]])
+    # IoU(box0, box1) = 5000 / 15000 = 0.33 > 0.3: the first NMS already merges; shift to IoU 0.2
+    boxes[1] = torch.tensor([66.7, 0, 166.7, 100])  # IoU = 3330 / 16670 = 0.2
+    scores = torch.tensor([0.95, 0.99, 0.97, 0.85])
+    kept = suppress(boxes, scores)
+    assert kept.shape == (2, 4)  # box1 (beats box0 at IoU 0.2), box2; box3 is under 0.9
+    np.testing.assert_allclose(kept, boxes[[1, 2]].numpy())
+
+
+def test_batched_detection_equals_frame_by_frame():
+    model = S3FD().eval()
+    frames = np.random.default_rng(0).integers(0, 255, (2, 32, 48, 3), dtype=np.uint8)
+    from pipelines.asd.s3fd import detect_batch
+
+    batched = detect_batch(model, frames, threshold=0.0, scale=1.0)
+    for frame, boxes in zip(frames, batched):
+        np.testing.assert_allclose(boxes, detect(model, frame, threshold=0.0, scale=1.0), rtol=1e-4, atol=1e-3)

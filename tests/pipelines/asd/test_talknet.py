@@ -71,6 +71,7 @@ def test_checkpoint_mismatch_fails_loudly(tmp_path, damage, message):
         load_talknet(path)
 
 
+@pytest.mark.slow  # faithful mode on CPU: every frame, TalkNet's 6 window lengths
 def test_talknet_scorer_runs_in_the_stage(mini_meld, tmp_path):
     """With a checkpoint (random here, so only the path is tested, not the choice) the stage uses TalkNet."""
     from pipelines.decode import SpeakerSettings, decode_clip
@@ -93,29 +94,126 @@ def test_random_talknet_never_chooses_a_speaker():
         load_config(None, ["preprocess.asd_method=talknet"])
 
 
-def test_batched_scoring_equals_window_by_window():
-    """Batching windows across tracks changes nothing but speed."""
-    from pipelines.asd.stage import TALKNET_WINDOWS_S, talknet_scores
-    from pipelines.asd.tracking import Track
+def test_batched_scoring_equals_the_demo_evaluate_network_loop():
+    """Batching windows across tracks changes nothing but speed: the demo's loop (TaoRuijie/TalkNet-ASD
+    demoTalkNet.py `evaluate_network`, ~l.236-251: per duration, window by window, batch 1, mean, round 1)."""
+    import math
+
+    from pipelines.asd.stage import TALKNET_WINDOWS_S, talknet_frame_scores
+
+    class WindowSensitive(torch.nn.Module):  # stands in for TalkNet (slow on CPU): a score that depends on the window
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, audio, video):
+            frames = video.mean((2, 3)) + audio.reshape(len(audio), -1, 52).mean(-1)
+            return self.w * (frames - frames.mean(1, keepdim=True)) + torch.arange(video.shape[1]) / 10
 
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 255, size=(60, 120, 160, 3), dtype=np.uint8)
-    tracks = [Track(np.arange(0, 60), np.tile([10.0, 10, 60, 60], (60, 1))), Track(np.arange(5, 45), np.tile([80.0, 20, 140, 80], (40, 1)))]
-    audio = rng.normal(scale=0.1, size=16_000 * 3).astype(np.float32)
-    model = TalkNet().eval()
-    batched = talknet_scores(frames, tracks, audio, model)
-
-    from pipelines.asd.talknet import mfcc_100fps
-    from pipelines.media import crop_square
-    import cv2
-
-    mfcc = mfcc_100fps(audio)
-    for track, score in zip(tracks, batched):
-        gray = np.stack([cv2.cvtColor(crop_square(frames[f], b, 1.4), cv2.COLOR_RGB2GRAY) for f, b in zip(track.frames, track.boxes)])
-        a, v = talknet_inputs(gray, mfcc[track.frames[0] * 4 : (track.frames[0] + len(track)) * 4])
-        per_window = []
+    inputs = [(rng.normal(size=(4 * n, 13)).astype(np.float32), rng.integers(0, 255, (n, 112, 112), dtype=np.uint8)) for n in (160, 70)]
+    model = WindowSensitive()
+    batched = talknet_frame_scores(inputs, model, decimals=None)
+    for (audio, video), scores in zip(inputs, batched):
+        length = len(video) / 25
+        all_scores = []
         with torch.no_grad():
-            for seconds in TALKNET_WINDOWS_S:
-                step = seconds * 25
-                per_window.append(torch.cat([model(a[:, i * 4 : (i + step) * 4], v[:, i : i + step])[0] for i in range(0, v.shape[1], step)]).numpy())
-        assert score == pytest.approx(float(np.mean(per_window)), rel=1e-4, abs=1e-5)
+            for duration in TALKNET_WINDOWS_S:
+                window = []
+                for i in range(int(math.ceil(length / duration))):
+                    a = torch.FloatTensor(audio[i * duration * 100 : (i + 1) * duration * 100])[None]
+                    v = torch.FloatTensor(video[i * duration * 25 : (i + 1) * duration * 25])[None]
+                    window.extend(model(a, v)[0].numpy())
+                all_scores.append(window)
+        np.testing.assert_allclose(scores, np.mean(np.array(all_scores), axis=0), rtol=1e-4, atol=1e-5)
+    assert all(np.array_equal(r, np.round(b, 1)) for r, b in zip(talknet_frame_scores(inputs, model), batched))
+
+
+def test_window_set_is_the_demo_durationset_as_a_python_set():
+    """demoTalkNet.py ~l.215: `durationSet = {1,1,1,2,2,2,3,3,4,5,6}` is a set, so each length once."""
+    from pipelines.asd.stage import TALKNET_WINDOWS_S
+
+    assert TALKNET_WINDOWS_S == tuple(sorted({1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6})) == (1, 2, 3, 4, 5, 6)
+
+
+def _psf_mfcc_c0_by_hand(signal: np.ndarray) -> np.ndarray:
+    """c0 of python_speech_features.mfcc(signal, 16000, numcep=13, winlen=0.025, winstep=0.010) written out
+    from its formula (preemphasis 0.97, 512-point power spectrum, 26 mel filters, log, DCT-II ortho,
+    lifter 22, appendEnergy: c0 = log frame energy)."""
+    x = np.append(signal[0], signal[1:] - 0.97 * signal[:-1]).astype(np.float64)
+    n = 1 + int(np.ceil((len(x) - 400) / 160))
+    x = np.pad(x, (0, (n - 1) * 160 + 400 - len(x)))  # the last frame is zero-padded
+    frames = np.stack([x[i * 160 : i * 160 + 400] for i in range(n)])
+    power = np.abs(np.fft.rfft(frames, 512)) ** 2 / 512
+    return np.log(power.sum(axis=1))
+
+
+def test_mfcc_is_computed_on_int16_scale_samples_as_the_demo_reads_its_wav():
+    """demoTalkNet.py ~l.218 (`wavfile.read` of 16-bit PCM, then python_speech_features.mfcc) and
+    dataLoader.py ~l.11: TalkNet sees int16-scale samples; float input would shift c0 by 2 ln 32768."""
+    from pipelines.asd.talknet import as_int16_pcm
+
+    t = np.arange(16_000) / 16_000
+    tone = (0.25 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    pcm = as_int16_pcm(tone)
+    assert pcm.dtype == np.int16 and pcm.max() == round(0.25 * 32768)
+    mfcc = mfcc_100fps(tone)
+    np.testing.assert_allclose(mfcc[:, 0], _psf_mfcc_c0_by_hand(pcm.astype(np.float64)), rtol=1e-5)
+    from python_speech_features import mfcc as psf_mfcc
+
+    float_c0 = psf_mfcc(tone, 16000, numcep=13, winlen=0.025, winstep=0.010)[:, 0]
+    np.testing.assert_allclose(mfcc[:, 0] - float_c0, 2 * np.log(32768), atol=1e-3)
+    np.testing.assert_array_equal(mfcc_100fps(pcm), mfcc)  # int16 input is taken as it is
+
+
+def test_face_crop_window_is_the_demo_crop_video_window():
+    """demoTalkNet.py `crop_video` ~l.176-185: pad by int(s(1+2cs)) with 110, rows [y-s, y+1.8s], columns
+    [x-1.4s, x+1.4s] (cs = 0.4), resize to 224; `evaluate_network` ~l.225-227: grey, centre 112."""
+    from pipelines.asd.talknet import demo_face_crop, demo_grey_centre
+
+    frame = np.zeros((256, 256, 3), np.uint8)
+    frame[:, :, 0] = np.arange(256)[None, :]  # red codes the column
+    frame[:, :, 1] = np.arange(256)[:, None]  # green codes the row
+    x, y, s = 128.0, 100.0, 40.0
+    face = demo_face_crop(frame, x, y, s)
+    assert face.shape == (224, 224, 3)
+    # the window: rows 60..171 (y - s .. y + 1.8 s), columns 72..183 (x -+ 1.4 s): 112 source px -> 224
+    assert abs(int(face[0, 0, 1]) - 60) <= 1 and abs(int(face[-1, 0, 1]) - 171) <= 1
+    assert abs(int(face[0, 0, 0]) - 72) <= 1 and abs(int(face[0, -1, 0]) - 183) <= 1
+    centre = demo_grey_centre(face)
+    assert centre.shape == (112, 112)
+    # the centre of the 112 crop is row y + 0.4 s (below the box centre), column x
+    assert abs(int(face[112, 112, 1]) - (y + 0.4 * s)) <= 1 and abs(int(face[112, 112, 0]) - x) <= 1
+
+
+def test_face_crop_pads_with_grey_110_outside_the_frame():
+    """demoTalkNet.py ~l.181: numpy.pad(..., 'constant', constant_values=(110, 110))."""
+    from pipelines.asd.talknet import demo_face_crop
+
+    face = demo_face_crop(np.zeros((100, 100, 3), np.uint8), 5.0, 5.0, 40.0)
+    assert (face[0, 0] == 110).all() and (face[-1, -1] == 0).all()
+
+
+def test_track_smoothing_is_the_demo_medfilt_with_zero_padding():
+    """demoTalkNet.py ~l.170-175: s = max(h, w)/2, x, y each `signal.medfilt(kernel_size=13)`."""
+    from scipy.signal import medfilt
+
+    from pipelines.asd.talknet import demo_crop_track
+
+    rng = np.random.default_rng(0)
+    boxes = np.cumsum(rng.normal(size=(30, 4)), axis=0) + [100, 100, 160, 180]
+    xys = demo_crop_track(boxes)
+    np.testing.assert_allclose(xys[:, 2], medfilt(np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2, 13))
+    np.testing.assert_allclose(xys[:, 0], medfilt((boxes[:, 0] + boxes[:, 2]) / 2, 13))
+
+
+def test_scored_length_drops_the_last_frame_as_the_demo_does():
+    """demoTalkNet.py ~l.233-235: length = min((nA - nA % 4) / 100, nV / 25); a track of n frames has
+    n * 640 samples, i.e. 4n - 1 MFCC frames, so n - 1 frames are scored."""
+    from pipelines.asd.stage import talknet_track_inputs
+
+    audio = np.random.default_rng(0).normal(scale=0.1, size=16_000 * 4).astype(np.float32)
+    mfcc, faces = talknet_track_inputs(np.zeros((50, 112, 112), np.uint8), audio, first_frame=10)
+    assert mfcc.shape == (4 * 49, 13) and faces.shape == (49, 112, 112)
+    own = mfcc_100fps(audio[10 * 640 : 60 * 640])  # the track's own audio, as the demo cuts it with ffmpeg
+    np.testing.assert_array_equal(mfcc, own[: 4 * 49])

@@ -71,3 +71,24 @@ def test_every_kth_frame_detection():
     (track,) = build_tracks(detections)
     assert track.frames.tolist() == list(range(41))
     np.testing.assert_allclose(track.boxes[:, 0], 80 + np.arange(41), atol=1e-6)
+
+
+def _still_face(frames: range, box=(100.0, 100.0, 160.0, 160.0), n: int = 60) -> list[np.ndarray]:
+    return [np.array([box]) if i in frames else np.zeros((0, 4)) for i in range(n)]
+
+
+def test_a_track_needs_more_than_min_track_detections_as_the_demo():
+    """TaoRuijie/TalkNet-ASD demoTalkNet.py `track_shot` ~l.150: `len(track) > args.minTrack` (10): a track
+    of 10 detected frames is dropped, one of 11 kept, however long it spans."""
+    ten, eleven = _still_face(range(0, 20, 2)), _still_face(range(0, 22, 2))
+    assert build_tracks(ten, min_detections=10) == []
+    assert [len(t) for t in build_tracks(eleven, min_detections=10)] == [21]
+
+
+def test_tracks_never_cross_a_shot_cut():
+    """demoTalkNet.py ~l.426-428: tracks are built shot by shot (`track_shot(faces[shot[0]:shot[1]])`),
+    and a shot shorter than minTrack frames is skipped."""
+    detections = _still_face(range(60))
+    tracks = build_tracks(detections, cuts=[25, 55])
+    assert [(t.frames[0], t.frames[-1]) for t in tracks] == [(0, 24), (25, 54)]  # the 5-frame shot is skipped
+    assert all(t.raw_boxes is not None and t.raw_boxes.shape == t.boxes.shape for t in tracks)
