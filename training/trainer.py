@@ -44,8 +44,12 @@ from featurestore.store import Store
 from infra.config import REPO_ROOT, MergConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
+from training.checkpointer import Checkpointer, save_trained_weights
 from training.data import collate, epoch_batches, load_examples
-from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype, save_weights
+from training.loss import global_target_tokens, scaled_for_engine, target_tokens
+from training.metrics import MetricLogger
+from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype
+from training.prompt import IGNORE_INDEX
 from training.projector import Projector, ProjectorConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ class Trainer:
         self.best_val: float | None = None
         self.bad_evals = 0
         self.tokens_seen = 0
+        self._epoch_batches: tuple[int | None, list[list[int]]] = (None, [])
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -192,38 +197,23 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        self.checkpointer = Checkpointer(self.engine, self.run_dir / CHECKPOINTS, keep=self.t.keep_checkpoints, rank=self.rank)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _client_state(self) -> dict:
         return dict(
             step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best_val=self.best_val,
             bad_evals=self.bad_evals, tokens_seen=self.tokens_seen,
-            rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
         )  # fmt: skip
 
-    def _save_checkpoint(self) -> None:
-        folder = self.run_dir / CHECKPOINTS
-        self.engine.save_checkpoint(
-            str(folder), tag=f"step-{self.step}", client_state=self._client_state(), exclude_frozen_parameters=True
-        )
-        if self.is_main:
-            tags = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-            for old in tags[: -self.t.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-
     def _resume(self) -> None:
-        folder = self.run_dir / CHECKPOINTS
-        if not (folder / "latest").is_file():
-            self._log(f"no checkpoint in {folder}: starting from step 0")
+        loaded = self.checkpointer.load()
+        if loaded is None:
+            self._log(f"no checkpoint in {self.checkpointer.folder}: starting from step 0")
             return
-        path, state = self.engine.load_checkpoint(str(folder), load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"could not load the latest checkpoint from {folder}")
+        path, state = loaded
         for name in ("step", "epoch", "batch_in_epoch", "best_val", "bad_evals", "tokens_seen"):
             setattr(self, name, state[name])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -237,7 +227,8 @@ class Trainer:
             return None
         self.engine.eval()
         n, size = len(self.eval_examples), self.t.batch_size
-        # pad the index list so every rank runs the same number of forward passes (ZeRO-3 needs it)
+        # pad the index list so every rank runs the same number of forward passes: under ZeRO-3 each
+        # forward is a collective parameter gather, so a rank that skipped one would hang the others
         per_rank = -(-n // self.world_size)
         indices = np.arange(per_rank * self.world_size)[self.rank :: self.world_size]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -245,15 +236,49 @@ class Trainer:
             chunk = indices[start : start + size]
             batch = self._to_device(collate([self.eval_examples[i % n] for i in chunk], self.tokenizer.pad_token_id))
             keep = torch.as_tensor(chunk < n, device=self.device)
-            labels = batch["labels"].masked_fill(~keep[:, None], -100)
-            tokens = (labels[:, 1:] != -100).sum()
-            if tokens == 0:
-                continue
-            out = self.engine(**{**batch, "labels": labels})
-            totals += torch.stack([out.loss.double() * tokens, tokens.double()])
+            out = self.engine(**{**batch, "labels": batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)})
+            totals += torch.stack([out.loss_sum.double(), totals.new_tensor(out.num_tokens)])
         torch.distributed.all_reduce(totals)
         self.engine.train()
         return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+    def _next_step_batches(self) -> list[list[int]]:
+        """The `grad_accum` micro-batches of the next optimiser step (an epoch's end carries over)."""
+        step_batches = []
+        while len(step_batches) < self.t.grad_accum:
+            if self._epoch_batches[0] != self.epoch:
+                self._epoch_batches = (self.epoch, self._batches(self.epoch))
+            batches = self._epoch_batches[1]
+            if self.batch_in_epoch >= len(batches):
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                continue
+            step_batches.append(batches[self.batch_in_epoch])
+            self.batch_in_epoch += 1
+        return step_batches
+
+    def _train_step(self) -> dict:
+        """One optimiser step over `grad_accum` micro-batches, every target token weighed alike."""
+        t = self.t
+        started = time.perf_counter()
+        micro_batches = [
+            self._to_device(collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id))
+            for indices in self._next_step_batches()
+        ]  # fmt: skip
+        step_tokens = global_target_tokens(sum(target_tokens(b["labels"]) for b in micro_batches), self.device)
+        for batch in micro_batches:
+            out = self.engine(**batch)
+            self.engine.backward(scaled_for_engine(out.loss_sum, step_tokens, t.grad_accum, self.world_size))
+            self.engine.step()  # DeepSpeed steps the optimizer after grad_accum micro-batches
+            self.metrics.add_micro_batch(out.loss_sum, out.num_tokens, int(batch["attention_mask"].sum()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's time is all in
+        record = self.metrics.end_step(time.perf_counter() - started)
+        self.step += 1
+        self.tokens_seen += record.pop("real_tokens")
+        return {"step": self.step, "epoch": self.epoch, **record, "lr": self.engine.get_lr()[0]}
+
+    def _patience_exhausted(self) -> bool:
+        return self.t.patience is not None and self.bad_evals >= self.t.patience
 
     def train(self, until_step: int | None = None) -> TrainReport:
         """Run to `train.max_steps` / `train.epochs`; `until_step` stops early as if interrupted."""
@@ -264,64 +289,38 @@ class Trainer:
                 shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self._write_run_files()
         self.engine.train()
-        metrics = open(self.run_dir / METRICS, "a") if self.is_main else None
-        last_loss, stopped_early = None, False
-        # tokens/s counts time in training steps only: validation and checkpoint writes are not throughput
-        window_tokens, window_seconds, run_tokens, run_seconds = 0, 0.0, 0, 0.0
-        micro = 0
-        batches, batches_epoch = [], None
+        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main)
+        stopped_early = self._patience_exhausted()  # a resumed run that had stopped stays stopped
+        last_loss, first_step = None, self.step
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
             advance(self.step)
             while self.step < self.total_steps and not stopped_early and (until_step is None or self.step < until_step):
-                if batches_epoch != self.epoch:
-                    batches, batches_epoch = self._batches(self.epoch), self.epoch
-                if self.batch_in_epoch >= len(batches):
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    continue
-                step_start = time.perf_counter()
-                batch = self._to_device(collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id))
-                tokens = int(batch["attention_mask"].sum()) * self.world_size
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                self.engine.step()  # DeepSpeed steps the optimizer every grad_accum micro-batches
-                self.batch_in_epoch += 1
-                micro += 1
-                window_tokens, run_tokens, self.tokens_seen = window_tokens + tokens, run_tokens + tokens, self.tokens_seen + tokens
-                if micro % t.grad_accum == 0:
-                    self.step += 1
-                    last_loss = loss.item()  # waits for the device: the step's time is all in
-                seconds = time.perf_counter() - step_start
-                window_seconds, run_seconds = window_seconds + seconds, run_seconds + seconds
-                if micro % t.grad_accum:
-                    continue
-                speed = window_tokens / max(1e-9, window_seconds)
-                advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
-                record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
+                record = self._train_step()
+                last_loss = record["loss"]
+                advance(1, info=f"loss {last_loss:.3f}  {self.metrics.tokens_per_s:,.0f} tok/s")
                 if self.step % t.log_every == 0:
-                    record["tokens_per_s"] = speed
-                    window_tokens, window_seconds = 0, 0.0
+                    record["tokens_per_s"] = self.metrics.tokens_per_s
+                    self.metrics.reset_window()
                 if self.step % t.eval_every == 0 or self.step == self.total_steps:
                     record.update(self._evaluate_and_keep_best())
-                    stopped_early = t.patience is not None and self.bad_evals >= t.patience
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    stopped_early = self._patience_exhausted()
+                self.metrics.write(record)
                 if self.step % t.save_every == 0:
-                    self._save_checkpoint()
-        if metrics:
-            metrics.close()
+                    self.checkpointer.save(self.step, self._client_state())
+        self.metrics.close()
         finished = self.step >= self.total_steps or stopped_early
-        if finished and self.step and self.step % t.save_every:  # so that --resume of a finished run does nothing
-            self._save_checkpoint()
-        if finished and self.best_val is None and self.is_main:  # no validation split: keep the last weights
-            save_weights(self.engine.module, self.run_dir)
+        if finished and self.step > first_step:
+            if self.step % t.save_every:  # so that --resume of a finished run does nothing
+                self.checkpointer.save(self.step, self._client_state())
+            if self.best_val is None:  # no validation split: keep the last weights
+                save_trained_weights(self.engine, self.run_dir, rank=self.rank)
         if self.is_main:
             self._write_run_files()
         if stopped_early:
             self._log(f"early stop at step {self.step}: no improvement in {t.patience} validations")
         return TrainReport(
-            self.run_dir, self.step, last_loss, self.best_val,
-            run_tokens / max(1e-9, run_seconds), stopped_early, len(self.train_examples),
+            self.run_dir, self.step, last_loss, self.best_val, self.metrics.run_tokens_per_s, stopped_early,
+            len(self.train_examples),
         )  # fmt: skip
 
     def _evaluate_and_keep_best(self) -> dict:
@@ -331,22 +330,11 @@ class Trainer:
         improved = self.best_val is None or val < self.best_val
         if improved:
             self.best_val, self.bad_evals = val, 0
-            self._save_best()
+            save_trained_weights(self.engine, self.run_dir, rank=self.rank)
         else:
             self.bad_evals += 1
         self._log(f"step {self.step}: {self.t.eval_split} loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f})" + (" best" if improved else ""))
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
-
-    def _save_best(self) -> None:
-        if self.t.deepspeed_stage == 3:  # parameters are partitioned: gather the trainable ones first
-            import deepspeed
-
-            params = [p for p in self.engine.module.parameters() if p.requires_grad]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.is_main:
-                    save_weights(self.engine.module, self.run_dir)
-        elif self.is_main:
-            save_weights(self.engine.module, self.run_dir)
 
     def _write_run_files(self) -> None:
         t = self.t
