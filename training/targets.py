@@ -31,7 +31,7 @@ from infra.config import TargetsConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
 from training.mllm import load_llm, resolve_dtype
-from training.prompt import render_prompt
+from training.prompt import render_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def teacher_source(c: TargetsConfig) -> str:
 
 
 class Teacher:
-    """A local causal LM that writes empathetic replies in batches (left padding, EOS stops)."""
+    """A local causal LM that writes empathetic replies in batches (left padding; stops on any of the
+    model's stop ids: an explicit EOS alone would override the generation config's list)."""
 
     def __init__(self, config: TargetsConfig, model_cache: Path):
         self.config = config
@@ -116,7 +117,8 @@ class Teacher:
         sampling = dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
         output = self.model.generate(
             **batch, max_new_tokens=c.max_new_tokens, repetition_penalty=c.repetition_penalty,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=stop_token_ids(self.tokenizer, self.model.generation_config),
+            **sampling,
         )  # fmt: skip
         new = output[:, batch["input_ids"].shape[1] :]
         return [clean_reply(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
