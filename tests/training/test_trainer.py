@@ -144,7 +144,7 @@ def _run_cli_train(config, tmp_path, nproc: int = 2, launcher: str = "torchrun")
 
 @pytest.fixture(scope="module")
 def dev17_store(tmp_path_factory):
-    """24 dialogues x 4 turns alternating train/dev: 36 train and 36 dev pairs."""
+    """24 dialogues x 4 lines alternating train/dev: about 30 train and 30 dev pairs."""
     from infra.config import TargetsConfig
     from training import build_targets
 
