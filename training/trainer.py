@@ -157,9 +157,10 @@ class Trainer:
 
     def _setup_data(self) -> None:
         t = self.t
-        self.train_examples = load_examples(self.store, t, t.train_split, self.tokenizer, t.limit)
+        self.targets_version = self._targets_version()
+        self.train_examples = load_examples(self.store, t, t.train_split, self.tokenizer, t.limit, self.targets_version)
         try:
-            self.eval_examples = load_examples(self.store, t, t.eval_split, self.tokenizer, t.eval_limit)
+            self.eval_examples = load_examples(self.store, t, t.eval_split, self.tokenizer, t.eval_limit, self.targets_version)
         except ValueError as exc:
             log.warning("no validation: %s", exc)
             self.eval_examples = []
@@ -171,6 +172,23 @@ class Trainer:
             f"{t.target!r} examples from {self.store.root} v{self.store.version}; {self.world_size} process(es), "
             f"{self.batches_per_epoch} batches of {t.batch_size} per epoch per process, {self.total_steps} steps"
         )  # fmt: skip
+
+    def _targets_version(self) -> int | None:
+        """The targets table's version every read of this run uses: `train.targets_version`, else the tag
+        `train.store_version` names (a run tags both tables), else the latest."""
+        t = self.t
+        if not (self.store.root / f"{TARGETS}.lance").exists():
+            return None  # load_examples says what to build
+        targets = self.store.lance_dataset(TARGETS)
+        pin = t.targets_version
+        if pin is None and t.store_version is not None:
+            if not (isinstance(t.store_version, str) and t.store_version in targets.tags.list()):
+                raise ValueError(
+                    f"train.store_version={t.store_version!r} pins the utterances but not the targets table, which "
+                    f"has no tag of that name: set train.targets_version too (run.json records the one a run read)"
+                )
+            pin = t.store_version
+        return targets.checkout_version(pin).version if pin is not None else targets.version
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(
@@ -345,13 +363,16 @@ class Trainer:
         if self.store.pinned is None:
             store_tag = "train-" + re.sub(r"[^A-Za-z0-9_-]", "-", t.name)
             self.store.tag(store_tag, self.store.version)
+            if self.targets_version is not None:  # the same tag on the targets table: pinning it pins both
+                tags = self.store.lance_dataset(TARGETS).tags
+                (tags.update if store_tag in tags.list() else tags.create)(store_tag, self.targets_version)
         RunInfo(
             name=t.name, model=str(self.model_path), modality=t.modality, embedding_column=t.embedding_column,
             quantization=t.quantization, system_prompt=t.system_prompt,
             soft_tokens=t.soft_tokens if self.model.projector is not None else 0, max_length=t.max_length,
             projector=vars(self.projector_config) if self.model.projector is not None else None,
             store=str(self.store.root), store_version=self.store.version, store_tag=store_tag or str(self.store.pinned),
-            targets=t.target, targets_version=self.store.lance_dataset(TARGETS).version,
+            targets=t.target, targets_version=self.targets_version,
             config_hash=self.config.fingerprint(), merg_version=metadata.version("merg"), steps=self.step,
             best_val_loss=self.best_val,
         ).save(self.run_dir)  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from featurestore.schema import TARGETS
 from featurestore.store import Store
 from infra.models import ModelNotFound
 from training import load_run, train
@@ -35,6 +36,8 @@ def test_run_folder_and_vanilla_peft_reload(dialogue_store, tiny_llm, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["modality"] == "audio+video" and info["projector"]["in_dim"] == DIM and info["soft_tokens"] == 1
     assert Store.open(dialogue_store).tags()[info["store_tag"]] == info["store_version"]
+    targets_tags = Store.open(dialogue_store).lance_dataset(TARGETS).tags.list()  # pinning the tag pins both tables
+    assert targets_tags[info["store_tag"]]["version"] == info["targets_version"]
     assert len(_losses(run)) == 4
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm)
@@ -88,6 +91,8 @@ def test_clear_errors(dialogue_store, tiny_llm, tmp_path):
     build_targets(text_store, TargetsConfig(), tmp_path)
     with pytest.raises(DataError, match="--no-media"):
         Trainer(train_config(text_store.root, tmp_path, tiny_llm, modality="video")).setup()
+    with pytest.raises(ValueError, match="train.targets_version"):  # a numeric pin says nothing of the targets
+        Trainer(train_config(text_store.root, tmp_path, tiny_llm, modality="text", store_version=1)).setup()
 
 
 @pytest.mark.slow
