@@ -5,18 +5,21 @@ The recipe, in `Trainer.setup()` order:
                       NCCL on GPUs, gloo on CPU
   _setup_model        base LLM (4-bit NF4 + double quantisation by default) + LoRA on all linear layers
                       (`train.lora`), + a projector (`train.projector`, `train.soft_tokens`) unless
-                      `train.modality` is `text`
+                      `train.modality` is `text`; under ZeRO-3 loaded under `deepspeed.zero.Init`
   _setup_data         targets (`train.target`) joined with the modality's embedding from the store,
                       tokenised, sharded by rank, length-bucketed (`train.bucket_by_length`)
   _setup_engine       AdamW (LoRA `train.lr`, projector `train.projector_lr`), warmup + linear decay,
                       DeepSpeed ZeRO `train.deepspeed_stage` (infra/deepspeed/zero<stage>.json)
-  _resume             `train.resume`: model, optimizer, scheduler, data position and RNG from the latest
-                      checkpoint, so the loss curve continues exactly
+  _resume             `train.resume`: model, optimizer, scheduler, data position, every rank's RNG and
+                      the early-stop state from the latest complete checkpoint, so the loss curve
+                      continues exactly
 
-Then `train()`: validation loss on `train.eval_split` every `train.eval_every` steps (best weights
-kept, early stop after `train.patience` validations without improvement), a resumable checkpoint
-every `train.save_every` steps, metrics in `runs/<name>/metrics.jsonl`, a progress bar with loss
-and tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `projector.safetensors`,
+Then `train()`, a short loop over small parts tested alone: `_train_step` (the token-weighted loss of
+training/loss.py over `train.grad_accum` micro-batches), validation loss on `train.eval_split` every
+`train.eval_every` steps (best weights kept, early stop after `train.patience` validations without
+improvement), an atomic checkpoint every `train.save_every` steps (training/checkpointer.py), metrics
+summed over ranks in `runs/<name>/metrics.jsonl` (training/metrics.py), a progress bar with loss and
+tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `projector.safetensors`,
 `tokenizer/`, `config.yaml`, `run.json` (model, store version + tag, config hash).
 """
 
@@ -31,6 +34,7 @@ import re
 import shutil
 import socket
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -73,6 +77,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _zero3_init(ds_config: dict):
+    """While inside, `from_pretrained` builds the model under `deepspeed.zero.Init`: each rank loads only
+    its partition. Not for 4-bit models: transformers 5 builds those on the meta device and fills them
+    whole on every rank (`get_init_context`), and refuses the `device_map` bitsandbytes needs."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep it alive while loading
+    try:
+        yield alive
+    finally:
+        unset_hf_deepspeed_config()  # later loads in this process (evaluation, tests) are not partitioned
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def deepspeed_config(config: MergConfig, bf16: bool) -> dict:
@@ -137,7 +162,20 @@ class Trainer:
         t = self.t
         self.model_path = resolve_llm(t.model, self.config.paths.model_cache)
         self.dtype = resolve_dtype(t.compute_dtype, self.device)
-        llm, self.tokenizer = load_llm(self.model_path, quantization=t.quantization, dtype=self.dtype, device=self.device)
+        self.ds_config = deepspeed_config(self.config, bf16=self.dtype == torch.bfloat16)
+        rss_before = _peak_rss_mb()
+        # 4-bit models cannot be built under ZeRO init (transformers refuses a device_map there, and builds
+        # them whole on every rank anyway): deepspeed.initialize partitions them
+        zero3_init = t.deepspeed_stage == 3 and t.quantization == "none"
+        with _zero3_init(self.ds_config) if zero3_init else nullcontext():
+            llm, self.tokenizer = load_llm(self.model_path, quantization=t.quantization, dtype=self.dtype, device=self.device)
+        if t.deepspeed_stage == 3:  # every rank says what loading left it holding (the point of ZeRO-3 init)
+            held = sum(getattr(p, "ds_tensor", p).numel() for p in llm.parameters())
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in llm.parameters())
+            log.info(
+                "rank %d loaded %s of %s parameter elements (%.0f%%); its peak RSS rose %.0f MB while loading",
+                self.rank, f"{held:,}", f"{total:,}", 100 * held / max(1, total), _peak_rss_mb() - rss_before,
+            )  # fmt: skip
         llm = attach_lora(llm, t.lora, gradient_checkpointing=t.gradient_checkpointing)
         self.store = Store.open(self.config.paths.store, version=t.store_version)
         projector = None
@@ -211,7 +249,6 @@ class Trainer:
             return max(0.0, (self.total_steps - step) / max(1, self.total_steps - t.warmup_steps))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.ds_config = deepspeed_config(self.config, bf16=self.dtype == torch.bfloat16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )

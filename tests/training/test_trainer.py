@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,9 @@ def test_two_processes_zero3_partitioned_saves_full_weights(dev17_store, tiny_ll
     )  # fmt: skip
     output = _run_cli_train(config, tmp_path)
     assert "2 process(es)" in output and ("0 test" in output) == (validation == "none")
+    loaded = [line for line in output.splitlines() if "parameter elements" in line]  # loading under ZeRO init
+    print("\n".join(loaded))
+    assert len(loaded) == 2 and all(re.search(r"\((4[5-9]|5[0-5])%\)", line) for line in loaded), loaded
     run = tmp_path / f"z3-{validation}"
     projector = load_file(run / "projector.safetensors")
     assert projector["net.weight"].shape == (64, DIM) and projector["net.weight"].abs().sum() > 0
