@@ -183,9 +183,10 @@ def test_two_processes_zero3_partitioned_saves_full_weights(dev17_store, tiny_ll
     )  # fmt: skip
     output = _run_cli_train(config, tmp_path)
     assert "2 process(es)" in output and ("0 test" in output) == (validation == "none")
-    loaded = [line for line in output.splitlines() if "parameter elements" in line]  # loading under ZeRO init
-    print("\n".join(loaded))
-    assert len(loaded) == 2 and all(re.search(r"\((4[5-9]|5[0-5])%\)", line) for line in loaded), loaded
+    flat = " ".join(output.split())  # the log wraps long lines
+    loaded = re.findall(r"rank \d loaded [\d,]+ of [\d,]+ parameter elements \((\d+)%\); its peak RSS rose -?\d+ MB", flat)
+    print(re.findall(r"rank \d loaded .*? MB", flat))  # under ZeRO init each rank builds only its share
+    assert len(loaded) == 2 and all(45 <= int(share) <= 55 for share in loaded), loaded
     run = tmp_path / f"z3-{validation}"
     projector = load_file(run / "projector.safetensors")
     assert projector["net.weight"].shape == (64, DIM) and projector["net.weight"].abs().sum() > 0
