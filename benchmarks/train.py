@@ -10,6 +10,8 @@ number of examples seen:
 - hf: `transformers.Trainer` on the same tokenised examples, batches of `--batch-size` padded to the
   longest (DataCollatorForSeq2Seq), no bucketing;
 - reference: the reference notebooks' loop, one example per step (batch 1, no bucketing).
+merg and hf weigh the loss alike: every target token of an optimiser step counts the same (merg's
+token-weighted loss; HF's `num_items_in_batch`, averaged across devices).
 Each variant runs in its own process (clean peak memory). Tokens/s counts real (non-pad) tokens over
 the time spent in training steps (the first, warm-up step included; setup, validation and checkpoint
 writes not); samples/s is tokens/s over the mean example length (real tokens). `--variants` picks
@@ -100,7 +102,7 @@ def run_variant(variant: str, args, root: Path) -> dict:
             args=TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=args.batch_size,
                                    max_steps=args.steps, learning_rate=t.lr, report_to=[], save_strategy="no",
                                    logging_steps=10**6, use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
-                                   dataloader_num_workers=0),
+                                   dataloader_num_workers=0, average_tokens_across_devices=True),
         )  # fmt: skip
         trainer.train()
         return dict(tokens_per_s=seen["tokens"] / timer.seconds)

@@ -18,7 +18,7 @@ import torch
 
 from evaluation.metrics.perplexity import aligned_nll
 from training.data import Example, collate
-from training.prompt import EncodedExample, encode_example, encode_prompt
+from training.prompt import EncodedExample, encode_example, encode_prompt, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def generate_replies(
         batch.pop("labels")
         torch.manual_seed(seed)
         new = model.generate(
-            **batch, max_new_tokens=preset.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            **batch, max_new_tokens=preset.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, getattr(model.llm, "generation_config", None)),
             pad_token_id=tokenizer.pad_token_id, **sampling,
         )  # fmt: skip
         for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -161,6 +161,7 @@ def generate_and_score(
     order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
     replies, nll, counts = [""] * len(pairs), np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)
     generator = torch.Generator(device=model.device).manual_seed(seed)
+    stops = torch.tensor(stop_token_ids(tokenizer, getattr(model.llm, "generation_config", None)), device=model.device)
     for chunk in _batches(len(order), batch_size):
         indices = [order[i] for i in chunk]
         batch = _to(collate([prompts[i] for i in indices], tokenizer.pad_token_id, left_pad=True), model.device)
@@ -195,7 +196,7 @@ def generate_and_score(
                 token = next_logits.argmax(-1)
             token = token.masked_fill(done, tokenizer.pad_token_id)
             tokens.append(token)
-            done |= token == tokenizer.eos_token_id
+            done |= torch.isin(token, stops)
             if done.all() or step == preset.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(len(indices), 1)], dim=1)  # as generate() extends it

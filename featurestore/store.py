@@ -315,19 +315,22 @@ class Store:
             f"write {name}",
         )
 
-    def read_records(self, name: str, where: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows of a record table; an absent table reads as empty."""
+    def read_records(
+        self, name: str, where: str | None = None, columns: Sequence[str] | None = None, version: int | str | None = None
+    ) -> pa.Table:
+        """Rows of a record table (at `version`, a number or tag, else the latest); an absent table reads as empty."""
         if not (self.root / f"{name}.lance").exists():
             schema = RECORD_TABLES[name][0]
             return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
-        return self._dataset(name).to_table(filter=where, columns=list(columns) if columns else None)
+        return self._dataset(name, version).to_table(filter=where, columns=list(columns) if columns else None)
 
     def targets(
         self, kind: str, *, split: str | Sequence[str] | None = None, where: str | None = None,
-        columns: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None, version: int | str | None = None,
     ) -> pa.Table:  # fmt: skip
-        """Training/evaluation examples of one kind (`next_utterance` or `teacher`), sorted by key."""
-        table = self.read_records(TARGETS, build_filter(where, kind=kind, split=split), columns)
+        """Training/evaluation examples of one kind (`next_utterance` or `teacher`), sorted by key; `version`
+        (number or tag) reads the targets table as it was then."""
+        table = self.read_records(TARGETS, build_filter(where, kind=kind, split=split), columns, version)
         return table.sort_by("key") if "key" in table.column_names else table
 
     def clear_failures(self, keys: Sequence[str], stage: str | None = None) -> None:

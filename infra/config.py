@@ -202,6 +202,10 @@ class TrainConfig(_Section):
     eval_split: Literal["train", "dev", "test"] = "dev"
     limit: int | None = Field(None, ge=1, description="first N training examples (smoke runs)")
     store_version: int | str | None = Field(None, description="read the store at this version or tag")
+    targets_version: int | str | None = Field(
+        None, description="read the targets table at this version or tag (default: store_version's tag when "
+        "the targets table has it, else the latest; a numeric store_version needs it)",
+    )  # fmt: skip
     log_every: int = Field(10, ge=1)
     seed: int = 0
 

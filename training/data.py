@@ -39,9 +39,14 @@ class Example:
         return len(self.encoded)
 
 
-def load_examples(store: Store, config: TrainConfig, split: str, tokenizer, limit: int | None = None) -> list[Example]:
-    """Tokenised examples of `split`, sorted by key. Raises DataError saying what to run when absent."""
-    targets = store.targets(config.target, split=split, columns=["key", "history", "next_speaker", "target"])
+def load_examples(
+    store: Store, config: TrainConfig, split: str, tokenizer, limit: int | None = None,
+    targets_version: int | str | None = None,
+) -> list[Example]:  # fmt: skip
+    """Tokenised examples of `split` (targets table at `targets_version`, else the latest), sorted by key.
+    Raises DataError saying what to run when absent."""
+    columns = ["key", "history", "next_speaker", "target"]
+    targets = store.targets(config.target, split=split, columns=columns, version=targets_version)
     if targets.num_rows == 0:
         raise DataError(
             f"no {config.target!r} targets for split {split!r} in the store at {store.root}; "

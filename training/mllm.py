@@ -77,11 +77,25 @@ def attach_lora(model, lora, *, gradient_checkpointing: bool = False):
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    keep_4bit_layout(model)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
     return get_peft_model(model, config)
+
+
+def keep_4bit_layout(model) -> int:
+    """Stop bitsandbytes from re-laying out frozen NF4 weights on CPUs with AVX512-BF16; returns the
+    number of 4-bit layers. Its first eval-mode, no-grad forward (our validation) converts a layer to a
+    CPU packing with bf16 `absmax`, and the next `state_dict()` (a checkpoint) converts it back with a
+    freshly re-quantised `absmax` (bitsandbytes 0.50 `_convert_weight_packed_for_cpu[_inverse]`): lossy,
+    so a run that validated computes differently from one resumed from a checkpoint, and only on such
+    CPUs (AMD EPYC Zen 4, recent Xeons). Training keeps the layout quantisation gave it."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 class MultimodalLM(nn.Module):
@@ -113,7 +127,7 @@ class MultimodalLM(nn.Module):
         return next(self.projector.parameters()).dtype
 
     def forward(self, input_ids, attention_mask, labels=None, media=None, media_mask=None, **kwargs):
-        """With `labels`: `.loss` is the mean NLL of the labelled tokens, and `.logits` exist only at the
+        """With `labels`: `.loss` is the mean NLL of the labelled tokens (`.loss_sum` / `.num_tokens`), and `.logits` exist only at the
         positions that predict one (the reply is a small part of each sequence; full-vocabulary logits
         of every prompt position would dominate memory). Without: the model's usual output."""
         embeds = self.embed(input_ids, media, media_mask)
@@ -122,7 +136,12 @@ class MultimodalLM(nn.Module):
         predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # position t predicts t + 1
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=predicts, **kwargs)
         out.targets = labels[:, predicts + 1]  # aligned with out.logits
-        out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), out.targets.flatten(), ignore_index=IGNORE_INDEX)
+        # the sum and count let callers weigh every token alike across micro-batches and ranks
+        out.loss_sum = F.cross_entropy(
+            out.logits.float().flatten(0, 1), out.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        out.num_tokens = int((out.targets != IGNORE_INDEX).sum())
+        out.loss = out.loss_sum / max(1, out.num_tokens)  # a batch with no target (padding) gives 0, not NaN
         return out
 
     @torch.no_grad()

@@ -1,17 +1,21 @@
 """Prompts: the dialogue as a chat, a place for the soft tokens, and the reply the model learns.
 
     encoded = encode_example(tokenizer, history, "Rachel", "Oh, honey...", system=..., soft_tokens=1)
-    encoded.input_ids    # prompt + [media]*N + target + EOS
-    encoded.labels       # -100 everywhere except target + EOS (the loss is on the reply only)
+    encoded.input_ids    # prompt + [media]*N + target + end of turn
+    encoded.labels       # -100 everywhere except target + end of turn (the loss is on the reply only)
     encoded.media_mask   # True where the projector's soft tokens replace the token embeddings
 
-The chat template of the model is used when it has one; the reply always ends with EOS, so the
-model learns to stop (the reference system left it out).
+The chat template of the model is used when it has one; the reply always ends with the template's
+own end of turn (what it appends after an assistant message: `<|im_end|>` for ChatML models such as
+SmolLM2, `<|eot_id|>` for LLaMA-3-Instruct, whose tokenizer's EOS may be `<|end_of_text|>`), else
+with EOS, so the model learns to stop the way its template does (the reference system left it out).
+Generation stops on every id in `stop_token_ids`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 IGNORE_INDEX = -100
@@ -49,6 +53,39 @@ def render_prompt(tokenizer, system: str, user: str) -> str:
     return f"{bos}System: {system}\n\nUser: {user}\n\nAssistant: "
 
 
+_REPLY_SENTINEL = "merg-reply-sentinel"
+
+
+@lru_cache(maxsize=8)
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens the chat template appends after an assistant message, found by rendering one (no
+    template, or one that appends nothing: the tokenizer's EOS)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY_SENTINEL}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that refuses this conversation says nothing about its end of turn
+            rendered = ""
+        suffix = _ids(tokenizer, rendered.rsplit(_REPLY_SENTINEL, 1)[-1].strip()) if _REPLY_SENTINEL in rendered else []
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        # up to its last special token: the whitespace or text some templates put after it is not the turn's end
+        last = max((k for k, i in enumerate(suffix) if i in special), default=None)
+        if last is not None:
+            return tuple(suffix[: last + 1])
+    return (tokenizer.eos_token_id,)
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a reply: the template's end of turn, the tokenizer's EOS and the model's
+    generation config's EOS list (LLaMA-3-Instruct: `<|end_of_text|>` and `<|eot_id|>`)."""
+    ids = [end_of_turn_ids(tokenizer)[-1], tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     # the rendered template already holds its special tokens (BOS etc.): add none
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -83,21 +120,20 @@ def encode_example(
     soft_tokens: int = 0,
     max_length: int = 384,
 ) -> EncodedExample:
-    """Prompt + target + EOS, dropping the oldest history lines (then cutting the target) to fit."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+    """Prompt + target + end of turn, dropping the oldest history lines (then cutting the target) to fit."""
+    end = list(end_of_turn_ids(tokenizer))
     history = list(history)
-    target_ids = _ids(tokenizer, target.strip()) + [tokenizer.eos_token_id] if target is not None else []
+    target_ids = _ids(tokenizer, target.strip()) + end if target is not None else []
     while True:
         prompt_ids, mask = encode_prompt(tokenizer, history, next_speaker, system=system, soft_tokens=soft_tokens)
         if len(prompt_ids) + len(target_ids) <= max_length or len(history) <= 1:
             break
         history.pop(0)
     room = max_length - len(prompt_ids)
-    if room < 1 and target is not None:
+    if room < len(end) and target is not None:
         raise ValueError(f"max_length {max_length} leaves no room for the reply after a {len(prompt_ids)}-token prompt")
     if len(target_ids) > room:
-        target_ids = target_ids[: room - 1] + [tokenizer.eos_token_id]
+        target_ids = target_ids[: room - len(end)] + end
     return EncodedExample(
         input_ids=prompt_ids + target_ids,
         labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,

@@ -2,13 +2,14 @@
 
     report = build_targets(store, TargetsConfig(kind="teacher"), model_cache)
 
-- `next_utterance`: MELD's own next line in the dialogue.
+- `next_utterance`: MELD's own reply: the next other speaker's turn (see `dialogue_examples`).
 - `teacher`: an empathetic reply written by a local teacher LLM (any HF causal LM folder; default the
   embedded SmolLM2 with an explicit empathetic system prompt), batched, with the teacher and its
   decoding settings recorded in `source`. Already generated rows with the same settings are skipped.
 
-Each example: the dialogue history up to and including the current utterance, the next speaker,
-the target, and the key of the current utterance (whose audio/video goes with the prompt).
+Each example: the dialogue history up to and including the current utterance (the last line of a
+speaker's turn), the next speaker (always another one), the target (their whole turn), and the key
+of the current utterance (whose audio/video goes with the prompt).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from infra.config import TargetsConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
 from training.mllm import load_llm, resolve_dtype
-from training.prompt import render_prompt
+from training.prompt import render_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,46 @@ class TargetsReport:
     failed: int = 0
 
 
+def dialogue_turns(rows: list[dict]) -> list[list[dict]]:
+    """A dialogue's lines (sorted by utterance id) as turns: consecutive lines of one speaker, with no
+    utterance id missing between them, are one turn."""
+    turns: list[list[dict]] = []
+    for row in rows:
+        last = turns[-1][-1] if turns else None
+        if last is not None and row["speaker"] == last["speaker"] and row["utterance_id"] == last["utterance_id"] + 1:
+            turns[-1].append(row)
+        else:
+            turns.append([row])
+    return turns
+
+
 def dialogue_examples(utterances: list[dict], max_history: int) -> Iterator[dict]:
-    """(current utterance -> next utterance) pairs within each dialogue, in dialogue order."""
+    """(context -> reply) pairs within each dialogue, in dialogue order. A pair is a turn and the turn
+    that directly follows it: the reply is the next *other* speaker's line(s) (a speaker's consecutive
+    lines are merged into one reply), so the model always answers someone else, as the system prompt
+    asks. No pair spans a missing utterance id (MELD's train split skips lines). The context is the
+    history up to the turn's last line, whose clip (`key`) goes with the prompt."""
     ordered = sorted(utterances, key=lambda r: (r["split"], r["dialogue_id"], r["utterance_id"]))
     for _, group in groupby(ordered, key=lambda r: (r["split"], r["dialogue_id"])):
         rows = list(group)
-        for i, (current, following) in enumerate(zip(rows, rows[1:])):
+        position = {id(r): i for i, r in enumerate(rows)}
+        turns = dialogue_turns(rows)
+        for turn, reply in zip(turns, turns[1:]):
+            current, following = turn[-1], reply[0]
+            if following["utterance_id"] != current["utterance_id"] + 1:
+                continue
+            end = position[id(current)]
             yield dict(
                 key=current["key"],
                 split=current["split"],
                 dialogue_id=current["dialogue_id"],
                 utterance_id=current["utterance_id"],
-                history=[f"{r['speaker']}: {r['text']}" for r in rows[max(0, i - max_history + 1) : i + 1]],
+                history=[f"{r['speaker']}: {r['text']}" for r in rows[max(0, end - max_history + 1) : end + 1]],
                 next_key=following["key"],
                 next_speaker=following["speaker"],
                 next_emotion=following["emotion"],
                 next_sentiment=following["sentiment"],
-                target=following["text"],
+                target=" ".join(r["text"].strip() for r in reply),
             )
 
 
@@ -80,7 +104,7 @@ def clean_reply(text: str, max_sentences: int = 2) -> str:
 
 def teacher_message(example: dict) -> str:
     speaker, last_speaker = example["next_speaker"], example["history"][-1].split(":", 1)[0]
-    question = f"What does {speaker} say next to {last_speaker}? Answer with {speaker}'s words only."
+    question = f"What does {speaker} reply to {last_speaker}? Answer with {speaker}'s words only."
     return "\n".join([*example["history"], "", question])
 
 
@@ -97,7 +121,8 @@ def teacher_source(c: TargetsConfig) -> str:
 
 
 class Teacher:
-    """A local causal LM that writes empathetic replies in batches (left padding, EOS stops)."""
+    """A local causal LM that writes empathetic replies in batches (left padding; stops on any of the
+    model's stop ids: an explicit EOS alone would override the generation config's list)."""
 
     def __init__(self, config: TargetsConfig, model_cache: Path):
         self.config = config
@@ -116,7 +141,8 @@ class Teacher:
         sampling = dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
         output = self.model.generate(
             **batch, max_new_tokens=c.max_new_tokens, repetition_penalty=c.repetition_penalty,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=stop_token_ids(self.tokenizer, self.model.generation_config),
+            **sampling,
         )  # fmt: skip
         new = output[:, batch["input_ids"].shape[1] :]
         return [clean_reply(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -5,18 +5,21 @@ The recipe, in `Trainer.setup()` order:
                       NCCL on GPUs, gloo on CPU
   _setup_model        base LLM (4-bit NF4 + double quantisation by default) + LoRA on all linear layers
                       (`train.lora`), + a projector (`train.projector`, `train.soft_tokens`) unless
-                      `train.modality` is `text`
+                      `train.modality` is `text`; under ZeRO-3 loaded under `deepspeed.zero.Init`
   _setup_data         targets (`train.target`) joined with the modality's embedding from the store,
                       tokenised, sharded by rank, length-bucketed (`train.bucket_by_length`)
   _setup_engine       AdamW (LoRA `train.lr`, projector `train.projector_lr`), warmup + linear decay,
                       DeepSpeed ZeRO `train.deepspeed_stage` (infra/deepspeed/zero<stage>.json)
-  _resume             `train.resume`: model, optimizer, scheduler, data position and RNG from the latest
-                      checkpoint, so the loss curve continues exactly
+  _resume             `train.resume`: model, optimizer, scheduler, data position, every rank's RNG and
+                      the early-stop state from the latest complete checkpoint, so the loss curve
+                      continues exactly
 
-Then `train()`: validation loss on `train.eval_split` every `train.eval_every` steps (best weights
-kept, early stop after `train.patience` validations without improvement), a resumable checkpoint
-every `train.save_every` steps, metrics in `runs/<name>/metrics.jsonl`, a progress bar with loss
-and tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `projector.safetensors`,
+Then `train()`, a short loop over small parts tested alone: `_train_step` (the token-weighted loss of
+training/loss.py over `train.grad_accum` micro-batches), validation loss on `train.eval_split` every
+`train.eval_every` steps (best weights kept, early stop after `train.patience` validations without
+improvement), an atomic checkpoint every `train.save_every` steps (training/checkpointer.py), metrics
+summed over ranks in `runs/<name>/metrics.jsonl` (training/metrics.py), a progress bar with loss and
+tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `projector.safetensors`,
 `tokenizer/`, `config.yaml`, `run.json` (model, store version + tag, config hash).
 """
 
@@ -31,6 +34,7 @@ import re
 import shutil
 import socket
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,8 +48,12 @@ from featurestore.store import Store
 from infra.config import REPO_ROOT, MergConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
+from training.checkpointer import Checkpointer, save_trained_weights
 from training.data import collate, epoch_batches, load_examples
-from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype, save_weights
+from training.loss import global_target_tokens, scaled_for_engine, target_tokens
+from training.metrics import MetricLogger
+from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype
+from training.prompt import IGNORE_INDEX
 from training.projector import Projector, ProjectorConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _zero3_init(ds_config: dict):
+    """While inside, `from_pretrained` builds the model under `deepspeed.zero.Init`: each rank loads only
+    its partition. Not for 4-bit models: transformers 5 builds those on the meta device and fills them
+    whole on every rank (`get_init_context`), and refuses the `device_map` bitsandbytes needs."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep it alive while loading
+    try:
+        yield alive
+    finally:
+        unset_hf_deepspeed_config()  # later loads in this process (evaluation, tests) are not partitioned
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def deepspeed_config(config: MergConfig, bf16: bool) -> dict:
@@ -98,6 +127,7 @@ class Trainer:
         self.best_val: float | None = None
         self.bad_evals = 0
         self.tokens_seen = 0
+        self._epoch_batches: tuple[int | None, list[list[int]]] = (None, [])
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -132,7 +162,20 @@ class Trainer:
         t = self.t
         self.model_path = resolve_llm(t.model, self.config.paths.model_cache)
         self.dtype = resolve_dtype(t.compute_dtype, self.device)
-        llm, self.tokenizer = load_llm(self.model_path, quantization=t.quantization, dtype=self.dtype, device=self.device)
+        self.ds_config = deepspeed_config(self.config, bf16=self.dtype == torch.bfloat16)
+        rss_before = _peak_rss_mb()
+        # 4-bit models cannot be built under ZeRO init (transformers refuses a device_map there, and builds
+        # them whole on every rank anyway): deepspeed.initialize partitions them
+        zero3_init = t.deepspeed_stage == 3 and t.quantization == "none"
+        with _zero3_init(self.ds_config) if zero3_init else nullcontext():
+            llm, self.tokenizer = load_llm(self.model_path, quantization=t.quantization, dtype=self.dtype, device=self.device)
+        if t.deepspeed_stage == 3:  # every rank says what loading left it holding (the point of ZeRO-3 init)
+            held = sum(getattr(p, "ds_tensor", p).numel() for p in llm.parameters())
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in llm.parameters())
+            log.info(
+                "rank %d loaded %s of %s parameter elements (%.0f%%); its peak RSS rose %.0f MB while loading",
+                self.rank, f"{held:,}", f"{total:,}", 100 * held / max(1, total), _peak_rss_mb() - rss_before,
+            )  # fmt: skip
         llm = attach_lora(llm, t.lora, gradient_checkpointing=t.gradient_checkpointing)
         self.store = Store.open(self.config.paths.store, version=t.store_version)
         projector = None
@@ -152,9 +195,10 @@ class Trainer:
 
     def _setup_data(self) -> None:
         t = self.t
-        self.train_examples = load_examples(self.store, t, t.train_split, self.tokenizer, t.limit)
+        self.targets_version = self._targets_version()
+        self.train_examples = load_examples(self.store, t, t.train_split, self.tokenizer, t.limit, self.targets_version)
         try:
-            self.eval_examples = load_examples(self.store, t, t.eval_split, self.tokenizer, t.eval_limit)
+            self.eval_examples = load_examples(self.store, t, t.eval_split, self.tokenizer, t.eval_limit, self.targets_version)
         except ValueError as exc:
             log.warning("no validation: %s", exc)
             self.eval_examples = []
@@ -166,6 +210,23 @@ class Trainer:
             f"{t.target!r} examples from {self.store.root} v{self.store.version}; {self.world_size} process(es), "
             f"{self.batches_per_epoch} batches of {t.batch_size} per epoch per process, {self.total_steps} steps"
         )  # fmt: skip
+
+    def _targets_version(self) -> int | None:
+        """The targets table's version every read of this run uses: `train.targets_version`, else the tag
+        `train.store_version` names (a run tags both tables), else the latest."""
+        t = self.t
+        if not (self.store.root / f"{TARGETS}.lance").exists():
+            return None  # load_examples says what to build
+        targets = self.store.lance_dataset(TARGETS)
+        pin = t.targets_version
+        if pin is None and t.store_version is not None:
+            if not (isinstance(t.store_version, str) and t.store_version in targets.tags.list()):
+                raise ValueError(
+                    f"train.store_version={t.store_version!r} pins the utterances but not the targets table, which "
+                    f"has no tag of that name: set train.targets_version too (run.json records the one a run read)"
+                )
+            pin = t.store_version
+        return targets.checkout_version(pin).version if pin is not None else targets.version
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(
@@ -188,42 +249,26 @@ class Trainer:
             return max(0.0, (self.total_steps - step) / max(1, self.total_steps - t.warmup_steps))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.ds_config = deepspeed_config(self.config, bf16=self.dtype == torch.bfloat16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        self.checkpointer = Checkpointer(self.engine, self.run_dir / CHECKPOINTS, keep=self.t.keep_checkpoints, rank=self.rank)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _client_state(self) -> dict:
         return dict(
             step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best_val=self.best_val,
             bad_evals=self.bad_evals, tokens_seen=self.tokens_seen,
-            rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
         )  # fmt: skip
 
-    def _save_checkpoint(self) -> None:
-        folder = self.run_dir / CHECKPOINTS
-        self.engine.save_checkpoint(
-            str(folder), tag=f"step-{self.step}", client_state=self._client_state(), exclude_frozen_parameters=True
-        )
-        if self.is_main:
-            tags = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-            for old in tags[: -self.t.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-
     def _resume(self) -> None:
-        folder = self.run_dir / CHECKPOINTS
-        if not (folder / "latest").is_file():
-            self._log(f"no checkpoint in {folder}: starting from step 0")
+        loaded = self.checkpointer.load()
+        if loaded is None:
+            self._log(f"no checkpoint in {self.checkpointer.folder}: starting from step 0")
             return
-        path, state = self.engine.load_checkpoint(str(folder), load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"could not load the latest checkpoint from {folder}")
+        path, state = loaded
         for name in ("step", "epoch", "batch_in_epoch", "best_val", "bad_evals", "tokens_seen"):
             setattr(self, name, state[name])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -237,7 +282,8 @@ class Trainer:
             return None
         self.engine.eval()
         n, size = len(self.eval_examples), self.t.batch_size
-        # pad the index list so every rank runs the same number of forward passes (ZeRO-3 needs it)
+        # pad the index list so every rank runs the same number of forward passes: under ZeRO-3 each
+        # forward is a collective parameter gather, so a rank that skipped one would hang the others
         per_rank = -(-n // self.world_size)
         indices = np.arange(per_rank * self.world_size)[self.rank :: self.world_size]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -245,15 +291,49 @@ class Trainer:
             chunk = indices[start : start + size]
             batch = self._to_device(collate([self.eval_examples[i % n] for i in chunk], self.tokenizer.pad_token_id))
             keep = torch.as_tensor(chunk < n, device=self.device)
-            labels = batch["labels"].masked_fill(~keep[:, None], -100)
-            tokens = (labels[:, 1:] != -100).sum()
-            if tokens == 0:
-                continue
-            out = self.engine(**{**batch, "labels": labels})
-            totals += torch.stack([out.loss.double() * tokens, tokens.double()])
+            out = self.engine(**{**batch, "labels": batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)})
+            totals += torch.stack([out.loss_sum.double(), totals.new_tensor(out.num_tokens)])
         torch.distributed.all_reduce(totals)
         self.engine.train()
         return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+    def _next_step_batches(self) -> list[list[int]]:
+        """The `grad_accum` micro-batches of the next optimiser step (an epoch's end carries over)."""
+        step_batches = []
+        while len(step_batches) < self.t.grad_accum:
+            if self._epoch_batches[0] != self.epoch:
+                self._epoch_batches = (self.epoch, self._batches(self.epoch))
+            batches = self._epoch_batches[1]
+            if self.batch_in_epoch >= len(batches):
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                continue
+            step_batches.append(batches[self.batch_in_epoch])
+            self.batch_in_epoch += 1
+        return step_batches
+
+    def _train_step(self) -> dict:
+        """One optimiser step over `grad_accum` micro-batches, every target token weighed alike."""
+        t = self.t
+        started = time.perf_counter()
+        micro_batches = [
+            self._to_device(collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id))
+            for indices in self._next_step_batches()
+        ]  # fmt: skip
+        step_tokens = global_target_tokens(sum(target_tokens(b["labels"]) for b in micro_batches), self.device)
+        for batch in micro_batches:
+            out = self.engine(**batch)
+            self.engine.backward(scaled_for_engine(out.loss_sum, step_tokens, t.grad_accum, self.world_size))
+            self.engine.step()  # DeepSpeed steps the optimizer after grad_accum micro-batches
+            self.metrics.add_micro_batch(out.loss_sum, out.num_tokens, int(batch["attention_mask"].sum()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's time is all in
+        record = self.metrics.end_step(time.perf_counter() - started)
+        self.step += 1
+        self.tokens_seen += record.pop("real_tokens")
+        return {"step": self.step, "epoch": self.epoch, **record, "lr": self.engine.get_lr()[0]}
+
+    def _patience_exhausted(self) -> bool:
+        return self.t.patience is not None and self.bad_evals >= self.t.patience
 
     def train(self, until_step: int | None = None) -> TrainReport:
         """Run to `train.max_steps` / `train.epochs`; `until_step` stops early as if interrupted."""
@@ -264,64 +344,38 @@ class Trainer:
                 shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self._write_run_files()
         self.engine.train()
-        metrics = open(self.run_dir / METRICS, "a") if self.is_main else None
-        last_loss, stopped_early = None, False
-        # tokens/s counts time in training steps only: validation and checkpoint writes are not throughput
-        window_tokens, window_seconds, run_tokens, run_seconds = 0, 0.0, 0, 0.0
-        micro = 0
-        batches, batches_epoch = [], None
+        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main)
+        stopped_early = self._patience_exhausted()  # a resumed run that had stopped stays stopped
+        last_loss, first_step = None, self.step
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
             advance(self.step)
             while self.step < self.total_steps and not stopped_early and (until_step is None or self.step < until_step):
-                if batches_epoch != self.epoch:
-                    batches, batches_epoch = self._batches(self.epoch), self.epoch
-                if self.batch_in_epoch >= len(batches):
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    continue
-                step_start = time.perf_counter()
-                batch = self._to_device(collate([self.train_examples[i] for i in batches[self.batch_in_epoch]], self.tokenizer.pad_token_id))
-                tokens = int(batch["attention_mask"].sum()) * self.world_size
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                self.engine.step()  # DeepSpeed steps the optimizer every grad_accum micro-batches
-                self.batch_in_epoch += 1
-                micro += 1
-                window_tokens, run_tokens, self.tokens_seen = window_tokens + tokens, run_tokens + tokens, self.tokens_seen + tokens
-                if micro % t.grad_accum == 0:
-                    self.step += 1
-                    last_loss = loss.item()  # waits for the device: the step's time is all in
-                seconds = time.perf_counter() - step_start
-                window_seconds, run_seconds = window_seconds + seconds, run_seconds + seconds
-                if micro % t.grad_accum:
-                    continue
-                speed = window_tokens / max(1e-9, window_seconds)
-                advance(1, info=f"loss {last_loss:.3f}  {speed:,.0f} tok/s")
-                record = {"step": self.step, "epoch": self.epoch, "loss": last_loss, "lr": self.engine.get_lr()[0]}
+                record = self._train_step()
+                last_loss = record["loss"]
+                advance(1, info=f"loss {last_loss:.3f}  {self.metrics.tokens_per_s:,.0f} tok/s")
                 if self.step % t.log_every == 0:
-                    record["tokens_per_s"] = speed
-                    window_tokens, window_seconds = 0, 0.0
+                    record["tokens_per_s"] = self.metrics.tokens_per_s
+                    self.metrics.reset_window()
                 if self.step % t.eval_every == 0 or self.step == self.total_steps:
                     record.update(self._evaluate_and_keep_best())
-                    stopped_early = t.patience is not None and self.bad_evals >= t.patience
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    stopped_early = self._patience_exhausted()
+                self.metrics.write(record)
                 if self.step % t.save_every == 0:
-                    self._save_checkpoint()
-        if metrics:
-            metrics.close()
+                    self.checkpointer.save(self.step, self._client_state())
+        self.metrics.close()
         finished = self.step >= self.total_steps or stopped_early
-        if finished and self.step and self.step % t.save_every:  # so that --resume of a finished run does nothing
-            self._save_checkpoint()
-        if finished and self.best_val is None and self.is_main:  # no validation split: keep the last weights
-            save_weights(self.engine.module, self.run_dir)
+        if finished and self.step > first_step:
+            if self.step % t.save_every:  # so that --resume of a finished run does nothing
+                self.checkpointer.save(self.step, self._client_state())
+            if self.best_val is None:  # no validation split: keep the last weights
+                save_trained_weights(self.engine, self.run_dir, rank=self.rank)
         if self.is_main:
             self._write_run_files()
         if stopped_early:
             self._log(f"early stop at step {self.step}: no improvement in {t.patience} validations")
         return TrainReport(
-            self.run_dir, self.step, last_loss, self.best_val,
-            run_tokens / max(1e-9, run_seconds), stopped_early, len(self.train_examples),
+            self.run_dir, self.step, last_loss, self.best_val, self.metrics.run_tokens_per_s, stopped_early,
+            len(self.train_examples),
         )  # fmt: skip
 
     def _evaluate_and_keep_best(self) -> dict:
@@ -331,22 +385,11 @@ class Trainer:
         improved = self.best_val is None or val < self.best_val
         if improved:
             self.best_val, self.bad_evals = val, 0
-            self._save_best()
+            save_trained_weights(self.engine, self.run_dir, rank=self.rank)
         else:
             self.bad_evals += 1
         self._log(f"step {self.step}: {self.t.eval_split} loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f})" + (" best" if improved else ""))
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
-
-    def _save_best(self) -> None:
-        if self.t.deepspeed_stage == 3:  # parameters are partitioned: gather the trainable ones first
-            import deepspeed
-
-            params = [p for p in self.engine.module.parameters() if p.requires_grad]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.is_main:
-                    save_weights(self.engine.module, self.run_dir)
-        elif self.is_main:
-            save_weights(self.engine.module, self.run_dir)
 
     def _write_run_files(self) -> None:
         t = self.t
@@ -357,13 +400,16 @@ class Trainer:
         if self.store.pinned is None:
             store_tag = "train-" + re.sub(r"[^A-Za-z0-9_-]", "-", t.name)
             self.store.tag(store_tag, self.store.version)
+            if self.targets_version is not None:  # the same tag on the targets table: pinning it pins both
+                tags = self.store.lance_dataset(TARGETS).tags
+                (tags.update if store_tag in tags.list() else tags.create)(store_tag, self.targets_version)
         RunInfo(
             name=t.name, model=str(self.model_path), modality=t.modality, embedding_column=t.embedding_column,
             quantization=t.quantization, system_prompt=t.system_prompt,
             soft_tokens=t.soft_tokens if self.model.projector is not None else 0, max_length=t.max_length,
             projector=vars(self.projector_config) if self.model.projector is not None else None,
             store=str(self.store.root), store_version=self.store.version, store_tag=store_tag or str(self.store.pinned),
-            targets=t.target, targets_version=self.store.lance_dataset(TARGETS).version,
+            targets=t.target, targets_version=self.targets_version,
             config_hash=self.config.fingerprint(), merg_version=metadata.version("merg"), steps=self.step,
             best_val_loss=self.best_val,
         ).save(self.run_dir)  # fmt: skip

@@ -73,3 +73,48 @@ def test_loss_on_kept_logits_equals_the_full_causal_lm_loss(tiny_llm):
         full = model.llm(input_ids=ids, attention_mask=mask, labels=labels)
     assert ours.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
     assert ours.logits.shape[1] == 6  # positions 3..8 predict a labelled token in some row
+
+
+def _quant_states(model) -> dict:
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in model.named_modules() if hasattr(module, "support_avx512bf16_for_cpu")
+        for key, value in module.weight.quant_state.as_dict(packed=True).items()
+    }  # fmt: skip
+
+
+def test_bitsandbytes_cpu_repacking_round_trip_is_lossy_for_nf4(tiny_llm):
+    """Why resume was not exact on AVX512-BF16 CPUs (AMD EPYC Zen 4): bitsandbytes 0.50's Linear4bit.forward
+    (bitsandbytes/nn/modules.py ~l.607) repacks a layer at its first eval-mode no-grad forward with
+    `_convert_weight_packed_for_cpu` (bitsandbytes/functional.py ~l.1676: absmax to bf16), and
+    `_save_to_state_dict` undoes it with `_convert_weight_packed_for_cpu_inverse` (~l.1730: absmax
+    re-quantised with a new offset). The round trip changes the frozen weights' quantisation state."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+
+    llm, _ = load_llm(tiny_llm, quantization="nf4")
+    layer = next(m for m in llm.modules() if isinstance(m, bnb.nn.Linear4bit))
+    before = _quant_states(llm)
+    packed, state = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(packed, state)
+    after = _quant_states(llm)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("absmax"))
+
+
+def test_training_keeps_the_4bit_layout_through_eval_and_state_dict(tiny_llm, monkeypatch):
+    """As if on an AVX512-BF16 CPU: after `attach_lora`, an eval forward and a state_dict (validation,
+    then a checkpoint) leave every NF4 weight and its quantisation state bit-identical."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model, _ = _model(tiny_llm, quantization="nf4")
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+    before = _quant_states(model)
+    # bytes: NF4 weights stored as float32 hold NaN bit patterns, which never compare equal
+    weights = {n: p.detach().view(torch.uint8).clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 6)), torch.ones(2, 6, dtype=torch.long))
+    model.state_dict()
+    assert all(torch.equal(before[k], v) for k, v in _quant_states(model).items())
+    assert all(torch.equal(weights[n], p.detach().view(torch.uint8)) for n, p in model.named_parameters() if not p.requires_grad)

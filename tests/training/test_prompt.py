@@ -3,7 +3,7 @@ from training.prompt import IGNORE_INDEX, MEDIA_MARKER, encode_example, encode_p
 HISTORY = ["Ross: We were on a break!", "Rachel: You slept with someone else."]
 
 
-def test_loss_only_on_target_and_eos(tiny_llm):
+def test_loss_only_on_target_and_end_of_turn(tiny_llm):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
@@ -65,3 +65,50 @@ def test_template_without_system_role_gets_it_folded_into_the_user_turn(tiny_llm
         "[INST] {{ m['content'] }} [/INST]{% endfor %}"
     )
     assert render_prompt(tokenizer, "Be kind.", "Hello") == "[INST] Be kind.\n\nHello [/INST]"
+
+
+# LLaMA-3-Instruct's published chat template (meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json
+# "chat_template"): every message ends with <|eot_id|>; the base model's EOS is <|end_of_text|>.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def _llama3_like(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]})
+    tokenizer.eos_token = "<|end_of_text|>"
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    return tokenizer
+
+
+def test_reply_ends_with_the_templates_end_of_turn_not_eos_llama3(tiny_llm):
+    """A LLaMA-3-style template ends an assistant turn with <|eot_id|>, which is not the tokenizer's EOS
+    (meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json, chat_template and eos_token)."""
+    from training.prompt import end_of_turn_ids
+
+    tokenizer = _llama3_like(tiny_llm)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert end_of_turn_ids(tokenizer) == (eot,) and eot != tokenizer.eos_token_id
+    for max_length in (400, 0):  # whole, and a reply cut to fit
+        max_length = max_length or len(encode_example(tokenizer, HISTORY, "Ross", None, system="s")) + 3
+        ex = encode_example(tokenizer, HISTORY, "Ross", "I am so sorry, truly.", system="s", max_length=max_length)
+        assert ex.input_ids[-1] == eot and ex.labels[-1] == eot and tokenizer.eos_token_id not in ex.input_ids
+
+
+def test_chatml_end_of_turn_is_im_end_and_generation_stops_on_every_stop_id(tiny_llm):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from training.prompt import end_of_turn_ids, stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)  # SmolLM2's ChatML template
+    assert end_of_turn_ids(tokenizer) == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+    llama3 = _llama3_like(tiny_llm)
+    eot, end_of_text = llama3.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert set(stop_token_ids(llama3)) == {eot, end_of_text}
+    assert set(stop_token_ids(llama3, GenerationConfig(eos_token_id=[7, eot]))) == {eot, end_of_text, 7}

@@ -8,16 +8,29 @@ from training.targets import build_targets, clean_reply, dialogue_examples
 from tests.conftest import DIM, dialogue_rows
 
 
-def test_pairs_stay_within_dialogues_with_bounded_history():
-    rows = dialogue_rows(2, 5).to_pylist()
-    examples = list(dialogue_examples(rows, max_history=3))
-    assert len(examples) == 8  # 4 pairs per 5-turn dialogue
-    first, last = examples[0], examples[3]
-    assert first["key"] == "train/dia0_utt0" and first["next_key"] == "train/dia0_utt1"
-    assert first["history"] == [f"{rows[0]['speaker']}: {rows[0]['text']}"] and first["target"] == rows[1]["text"]
-    assert len(last["history"]) == 3 and last["history"][-1].endswith(rows[3]["text"])
-    assert last["next_speaker"] == rows[4]["speaker"] and last["next_emotion"] == rows[4]["emotion"]
-    assert all(e["key"].split("_")[0] == e["next_key"].split("_")[0] for e in examples)
+def _line(utterance_id, speaker, dialogue_id=0):
+    return dict(key=f"train/dia{dialogue_id}_utt{utterance_id}", split="train", dialogue_id=dialogue_id,
+                utterance_id=utterance_id, speaker=speaker, text=f"line {utterance_id}.", emotion="joy", sentiment="positive")  # fmt: skip
+
+
+def test_a_reply_is_the_next_other_speakers_whole_turn_and_never_spans_a_missing_line():
+    rows = [_line(0, "Ross"), _line(1, "Ross"), _line(2, "Rachel"), _line(3, "Rachel"), _line(4, "Ross"),
+            _line(6, "Monica"), _line(7, "Ross"), _line(0, "Joey", dialogue_id=1)]  # fmt: skip
+    examples = list(dialogue_examples(rows, max_history=2))
+    assert [(e["key"], e["next_key"], e["target"]) for e in examples] == [
+        ("train/dia0_utt1", "train/dia0_utt2", "line 2. line 3."),  # Ross's two lines -> Rachel's two lines
+        ("train/dia0_utt3", "train/dia0_utt4", "line 4."),
+        ("train/dia0_utt6", "train/dia0_utt7", "line 7."),  # utterance 5 is missing: no 4 -> 6 pair
+    ]
+    assert all(e["next_speaker"] != e["history"][-1].split(":")[0] for e in examples)
+    assert examples[0]["history"] == ["Ross: line 0.", "Ross: line 1."] and len(examples[1]["history"]) == 2
+
+
+def test_teacher_is_asked_for_a_reply_to_the_last_speaker():
+    from training.targets import teacher_message
+
+    example = next(dialogue_examples([_line(0, "Ross"), _line(1, "Ross"), _line(2, "Rachel")], max_history=4))
+    assert teacher_message(example).endswith("What does Rachel reply to Ross? Answer with Rachel's words only.")
 
 
 @pytest.mark.parametrize(
@@ -35,9 +48,10 @@ def test_next_utterance_targets_are_written_once(tmp_path):
     store.write_utterances(dialogue_rows(16, 4))
     for _ in range(2):
         report = build_targets(store, TargetsConfig(kind="next_utterance"), tmp_path)
-    assert report.written == {"train": 36, "dev": 6, "test": 6}
+    pairs = list(dialogue_examples(dialogue_rows(16, 4).to_pylist(), max_history=8))
+    assert report.written == {s: sum(e["split"] == s for e in pairs) for s in ("train", "dev", "test")}
     table = store.read_records(TARGETS)
-    assert table.num_rows == 48 and len(set(table.column("id").to_pylist())) == 48
+    assert table.num_rows == len(pairs) and len(set(table.column("id").to_pylist())) == len(pairs)
     assert set(table.column("source").to_pylist()) == {"meld"}
 
 
@@ -46,7 +60,8 @@ def test_teacher_targets_record_settings_and_resume(tmp_path, tiny_llm):
     store.write_utterances(dialogue_rows(16, 4))
     config = TargetsConfig(kind="teacher", teacher_model=str(tiny_llm), splits=["dev"], max_new_tokens=8, teacher_batch_size=4)
     first = build_targets(store, config, tmp_path)
-    assert sum(first.written.values()) + first.failed == 6
+    dev_pairs = sum(e["split"] == "dev" for e in dialogue_examples(dialogue_rows(16, 4).to_pylist(), max_history=8))
+    assert sum(first.written.values()) + first.failed == dev_pairs
     assert '"teacher": "' in first.source and '"max_new_tokens": 8' in first.source
     second = build_targets(store, config, tmp_path)
     assert second.skipped == sum(first.written.values())  # finished rows are not generated again

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 import yaml
 
+from featurestore.schema import TARGETS
 from featurestore.store import Store
 from infra.models import ModelNotFound
 from training import load_run, train
 from training.data import DataError
+from infra.config import REPO_ROOT
 from training.trainer import Trainer
 
 from tests.conftest import DIM, dialogue_rows, train_config
@@ -34,6 +37,8 @@ def test_run_folder_and_vanilla_peft_reload(dialogue_store, tiny_llm, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["modality"] == "audio+video" and info["projector"]["in_dim"] == DIM and info["soft_tokens"] == 1
     assert Store.open(dialogue_store).tags()[info["store_tag"]] == info["store_version"]
+    targets_tags = Store.open(dialogue_store).lance_dataset(TARGETS).tags.list()  # pinning the tag pins both tables
+    assert targets_tags[info["store_tag"]]["version"] == info["targets_version"]
     assert len(_losses(run)) == 4
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm)
@@ -50,10 +55,24 @@ def test_resume_continues_the_loss_curve_exactly(dialogue_store, tiny_llm, tmp_p
     train(train_config(dialogue_store, tmp_path, tiny_llm, name="straight", **settings))
     train(train_config(dialogue_store, tmp_path, tiny_llm, name="broken", **settings), until_step=2)
     assert len(_losses(tmp_path / "broken")) == 2
+    half = tmp_path / "broken" / "checkpoints" / "step-4.partial"  # a save killed mid-write
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     resumed = Trainer(train_config(dialogue_store, tmp_path, tiny_llm, name="broken", resume=True, **settings)).setup()
     assert resumed.step == 2
     resumed.train()
     assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-5)
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(dialogue_store, tiny_llm, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "validate", lambda self: 1.0)  # never improves after the first validation
+    settings = dict(modality="audio", max_steps=6, eval_every=1, save_every=10, patience=1)
+    report = train(train_config(dialogue_store, tmp_path, tiny_llm, name="es", **settings))
+    assert report.stopped_early and report.steps == 2
+    best = (tmp_path / "es" / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = train(train_config(dialogue_store, tmp_path, tiny_llm, name="es", resume=True, **settings))
+    assert again.stopped_early and again.steps == 2 and len(_losses(tmp_path / "es")) == 2
+    assert (tmp_path / "es" / "adapter" / "adapter_model.safetensors").read_bytes() == best
 
 
 def test_text_only_baseline_has_no_projector(dialogue_store, tiny_llm, tmp_path):
@@ -74,6 +93,8 @@ def test_clear_errors(dialogue_store, tiny_llm, tmp_path):
     build_targets(text_store, TargetsConfig(), tmp_path)
     with pytest.raises(DataError, match="--no-media"):
         Trainer(train_config(text_store.root, tmp_path, tiny_llm, modality="video")).setup()
+    with pytest.raises(ValueError, match="train.targets_version"):  # a numeric pin says nothing of the targets
+        Trainer(train_config(text_store.root, tmp_path, tiny_llm, modality="text", store_version=1)).setup()
 
 
 @pytest.mark.slow
@@ -113,3 +134,66 @@ def test_smollm2_qlora_loss_decreases(dialogue_store, smollm2, tmp_path):
     train(config)
     losses = _losses(tmp_path / "smol")
     assert sum(losses[-2:]) < sum(losses[:2]) * 0.8, losses
+
+
+def _run_cli_train(config, tmp_path, nproc: int = 2, launcher: str = "torchrun") -> str:
+    path = tmp_path / f"{config.train.name}.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "train", "--config", str(path), "--launcher", launcher, "--nproc", str(nproc)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    output = result.stderr + result.stdout
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def dev17_store(tmp_path_factory):
+    """24 dialogues x 4 lines alternating train/dev: about 30 train and 30 dev pairs."""
+    from infra.config import TargetsConfig
+    from training import build_targets
+
+    root = tmp_path_factory.mktemp("dev17-store")
+    store = Store.open(root, create=True, embedding_dim=DIM)
+    store.write_utterances(dialogue_rows(24, 4, splits=("train", "dev")))
+    build_targets(store, TargetsConfig(kind="next_utterance"), root)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("validation", ["none", "n17"])
+def test_two_processes_zero3_partitioned_saves_full_weights(dev17_store, tiny_llm, tmp_path, validation):
+    """ZeRO-3 that really partitions (`stage3_param_persistence_threshold: 0`), 2 gloo processes: with
+    no validation split the final save gathers; with 17 dev examples (batch 8, one rank's last chunk is
+    padding only) validation does not hang; either way the adapter and projector have their full
+    shapes, trained values, and load with vanilla PEFT."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    zero3 = json.loads((REPO_ROOT / "infra" / "deepspeed" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3-partitioned.json").write_text(json.dumps(zero3))
+    eval_settings = dict(eval_split="test") if validation == "none" else dict(eval_limit=17, eval_every=2)
+    config = train_config(
+        dev17_store, tmp_path, tiny_llm, name=f"z3-{validation}", modality="audio+video", deepspeed_stage=3,
+        deepspeed_config=tmp_path / "zero3-partitioned.json", quantization="none", max_steps=2, batch_size=8,
+        lr=1e-2, projector_lr=1e-2, **eval_settings,
+    )  # fmt: skip
+    output = _run_cli_train(config, tmp_path)
+    assert "2 process(es)" in output and ("0 test" in output) == (validation == "none")
+    flat = " ".join(output.split())  # the log wraps long lines
+    loaded = re.findall(r"rank \d loaded [\d,]+ of [\d,]+ parameter elements \((\d+)%\); its peak RSS rose -?\d+ MB", flat)
+    print(re.findall(r"rank \d loaded .*? MB", flat))  # under ZeRO init each rank builds only its share
+    assert len(loaded) == 2 and all(45 <= int(share) <= 55 for share in loaded), loaded
+    run = tmp_path / f"z3-{validation}"
+    projector = load_file(run / "projector.safetensors")
+    assert projector["net.weight"].shape == (64, DIM) and projector["net.weight"].abs().sum() > 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    vanilla = PeftModel.from_pretrained(base, run / "adapter")
+    lora_b = [p for n, p in vanilla.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.shape[1] == 4 for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
+    model, _, _ = load_run(run)
+    assert model.projector.net.weight.shape == (64, DIM)
