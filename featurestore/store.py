@@ -191,9 +191,9 @@ class Store:
         without it, two processes upserting the same new key at once would both insert it."""
         for name, (_, fields) in {UTTERANCES: (None, ("key",)), **RECORD_TABLES}.items():
             uri = self.root / f"{name}.lance"
-            if not uri.exists():
+            if not _has_commits(uri):
                 continue
-            dataset = lance.dataset(str(uri))
+            dataset = _open_table(uri)
             missing = [f for f in fields if PRIMARY_KEY.encode() not in (dataset.schema.field(f).metadata or {})]
             if missing:
                 try:
@@ -294,11 +294,11 @@ class Store:
         table = conform_records(name, rows)
         if table.num_rows:
             uri = self.root / f"{name}.lance"
-            if not uri.exists():
+            if not _has_commits(uri):
                 try:
                     lance.write_dataset(table.schema.empty_table(), str(uri), mode="create")
                 except (OSError, ValueError):
-                    if not uri.exists():
+                    if not _has_commits(uri):  # not another process creating it first: e.g. the disk is full
                         raise
             self._upsert(name, table)
         return table.num_rows
@@ -319,7 +319,7 @@ class Store:
         self, name: str, where: str | None = None, columns: Sequence[str] | None = None, version: int | str | None = None
     ) -> pa.Table:
         """Rows of a record table (at `version`, a number or tag, else the latest); an absent table reads as empty."""
-        if not (self.root / f"{name}.lance").exists():
+        if not _has_commits(self.root / f"{name}.lance"):
             schema = RECORD_TABLES[name][0]
             return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
         return self._dataset(name, version).to_table(filter=where, columns=list(columns) if columns else None)
@@ -570,6 +570,20 @@ def _open_table(uri: Path, version: int | str | None = None) -> lance.LanceDatas
         if version is not None and _opens(uri):
             raise StoreError(f"{uri.parent}: no version or tag {version!r} of {uri.stem}") from exc
         raise damaged_table(uri, exc) from exc
+
+
+_LANCE_PARTS = {"data", "_versions", "_transactions", "_deletions", "_indices"}
+
+
+def _has_commits(uri: Path) -> bool:
+    """False for an absent record table and for one whose creation stopped before its first commit (a full
+    disk, a kill): Lance's own folders and no manifest hold nothing committed, and creating over them is
+    safe. A folder with anything else in it is left to `_open_table` to call damaged."""
+    if not uri.exists():
+        return False
+    if versions_on_disk(uri):
+        return True
+    return not all(part.name in _LANCE_PARTS for part in uri.iterdir())
 
 
 def _opens(uri: Path) -> bool:

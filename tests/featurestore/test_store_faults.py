@@ -92,3 +92,25 @@ def test_read_only_store_reads_and_refuses_writes_at_once(tmp_path):
         with pytest.raises(StoreReadOnly):
             store.tag("nope")
     assert Store.open(root).query(columns=["key"]).num_rows == 12
+
+
+def test_a_record_table_whose_creation_stopped_before_its_first_commit_reads_empty_and_is_created_again(tmp_path):
+    """A full disk or a kill during a record table's creation leaves Lance's folders without a manifest:
+    nothing was committed, so it reads as empty and the next write creates it (a foreign file still
+    makes it damaged)."""
+    from featurestore.schema import SWEEP_CELLS
+
+    root = make_store(tmp_path / "store")
+    partial = root / f"{SWEEP_CELLS}.lance"
+    (partial / "data").mkdir(parents=True)
+    (partial / "data" / "half-written.lance").write_bytes(b"\0" * 10)
+    store = Store.open(root)
+    assert store.read_records(SWEEP_CELLS).num_rows == 0
+    store.write_records(SWEEP_CELLS, [dict(id="s:c", sweep="s", cell="c")])
+    assert store.read_records(SWEEP_CELLS).to_pylist()[0]["cell"] == "c"
+
+    shutil.rmtree(partial)
+    partial.mkdir()
+    (partial / "notes.txt").write_text("not a lance table")
+    with pytest.raises(StoreDamaged):
+        store.read_records(SWEEP_CELLS)

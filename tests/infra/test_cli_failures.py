@@ -178,3 +178,35 @@ def test_disk_full_while_building_targets_then_a_rerun_on_a_roomier_disk(capsys,
     code, _, _ = merg(capsys, "targets", "build", "--kind", "next_utterance", "--store", tmp_path / "roomy")
     ids = Store.open(tmp_path / "roomy").read_records(TARGETS, columns=["id"]).column("id").to_pylist()
     assert code == 0 and len(ids) == len(set(ids)) == 2000
+
+
+@pytest.mark.slow
+def test_disk_full_while_storing_evaluation_results_then_a_rerun_after_space_is_freed(capsys, dialogue_store, tiny_llm, tmp_path, log_dir):
+    """The store on a tmpfs whose free space a filler file takes: the cell's writes fail, the command
+    says so in one line, the store opens at its last version; with the filler deleted the re-run stores
+    the cell's outputs and its one result exactly once."""
+    from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
+
+    used_kib = int(subprocess.run(["du", "-sk", str(dialogue_store)], capture_output=True, text=True, check=True).stdout.split()[0])
+    small = tmp_path / "small"
+    _mount_tmpfs(small, f"{used_kib + 512}k")
+    args = ["evaluate", "--model", tiny_llm, "--store", small / "store", "--limit", "3",
+            "--set", "evaluate.emotion_backend=lexicon", "--set", "evaluate.bootstrap_samples=20"]  # fmt: skip
+    try:
+        subprocess.run(["cp", "-a", str(dialogue_store), str(small / "store")], check=True)
+        filler = small / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)  # until the disk is full
+        code, _, err = merg(capsys, *args)
+        assert code == 1
+        assert_one_line_failure(err, "evaluate", log_dir, "no space left on device")
+        store = Store.open(small / "store")
+        assert store.query(columns=["key"]).num_rows == 64  # the last committed version still opens
+        filler.unlink()  # space freed
+        code, out, err = merg(capsys, *args)
+        assert code == 0, err
+        store = Store.open(small / "store")
+        outputs = store.read_records(EVAL_OUTPUTS, columns=["cell", "key"]).to_pylist()
+        assert len(outputs) == len({(o["cell"], o["key"]) for o in outputs}) == 3
+        assert [r["status"] for r in store.read_records(EVAL_RESULTS).to_pylist()] == ["done"]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
