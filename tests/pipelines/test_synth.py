@@ -163,10 +163,10 @@ def test_shot_reverse_shot_clip_has_one_cut_the_stage_finds_and_no_track_crosses
     from pipelines.asd.stage import ASD_FPS, speaker_for_clip
     from pipelines.decode import read_audio_16k
     from pipelines.meld import Utterance
-    from pipelines.synth.clip import ClipJob, ffmpeg_available, render_clip
+    from pipelines.synth.clip import ClipJob, render_clip
+    from tests.conftest import _needs_media_tools
 
-    if not ffmpeg_available():
-        pytest.skip("ffmpeg not installed")
+    _needs_media_tools()
     line = Utterance("train", 0, 0, "Monica", "Okay, so what you are telling me is that we have to go back there now.",
                      "neutral", "neutral", None, None, "", "", None, "found")  # fmt: skip
     path = tmp_path / "dia0_utt0.mp4"
