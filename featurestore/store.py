@@ -157,11 +157,11 @@ class Store:
         """Open the store at `root`; with `create`, make it (empty) first if absent."""
         root = Path(root)
         uri = root / f"{UTTERANCES}.lance"
-        if not uri.exists():
-            if not create:
-                raise StoreNotFound(
-                    f"no merg store at {root} (expected {uri}); create one with `merg preprocess --store {root}`"
-                )
+        if not uri.exists() and not create:
+            raise StoreNotFound(
+                f"no merg store at {root} (expected {uri}); create one with `merg preprocess --store {root}`"
+            )
+        if create and not _has_commits(uri):  # absent, or its creation stopped before the first commit
             if embedding_dim is None:
                 raise ValueError("creating a store needs embedding_dim")
             cls._create(root, embedding_dim, fused_dim or embedding_dim)
@@ -206,10 +206,12 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         for name, schema in ((UTTERANCES, utterances_schema(embedding_dim, fused_dim)), (FAILURES, FAILURES_SCHEMA)):
             uri = root / f"{name}.lance"
+            if _has_commits(uri):
+                continue
             try:
                 lance.write_dataset(schema.empty_table(), str(uri), schema=schema, mode="create")
             except (OSError, ValueError) as exc:  # another process created it first: fine
-                if not uri.exists():
+                if not _has_commits(uri):
                     raise StoreError(f"could not create {uri}: {exc}") from exc
 
     def at(self, version: int | str) -> "Store":

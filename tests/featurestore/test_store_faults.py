@@ -114,3 +114,16 @@ def test_a_record_table_whose_creation_stopped_before_its_first_commit_reads_emp
     (partial / "notes.txt").write_text("not a lance table")
     with pytest.raises(StoreDamaged):
         store.read_records(SWEEP_CELLS)
+
+
+def test_a_store_whose_creation_stopped_before_its_first_commit_is_created_again(tmp_path):
+    """The same rule for the store's own tables: `Store.open(create=True)` over an utterances folder
+    holding only Lance's folders and no manifest creates the store instead of calling it damaged."""
+    root = tmp_path / "store"
+    (root / "utterances.lance" / "data").mkdir(parents=True)
+    (root / "utterances.lance" / "data" / "half-written.lance").write_bytes(b"\0" * 10)
+    with pytest.raises(StoreDamaged):
+        Store.open(root)  # without create: nothing to read, said as damage
+    store = Store.open(root, create=True, embedding_dim=8)
+    store.write_utterances(synthetic_utterances(3, 8, seed=1))
+    assert Store.open(root).query(columns=["key"]).num_rows == 3
