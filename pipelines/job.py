@@ -175,14 +175,14 @@ def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[s
     return table
 
 
-def _speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
+def speaker_settings(pc: PreprocessConfig) -> SpeakerSettings:
     checkpoint = str(pc.talknet_checkpoint) if pc.talknet_checkpoint else None
     crops = str(pc.save_crops) if pc.save_crops else None
     s3fd = str(pc.s3fd_checkpoint) if pc.s3fd_checkpoint else None
     return SpeakerSettings(pc.asd_method, pc.asd_threshold, pc.detect_every, pc.crop_margin, checkpoint, crops, s3fd, pc.asd_faithful)
 
 
-def _config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
+def preprocess_config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> str:
     """What decides a row's embeddings: a change here means recompute."""
     relevant = dict(
         encoder=encoder, weights=weights, fusion=pc.fusion, pipeline=PIPELINE_VERSION, asd=pc.asd_method,
@@ -235,7 +235,7 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
         # Declaring memory also keeps Ray from fusing decode into the encoder actor (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
         # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
-        .map(decode_row, fn_kwargs={"speaker": _speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
+        .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
              memory=memory, concurrency=pc.decode_concurrency)  # fmt: skip
         for memory, group in sorted(groups.items())
     ]
@@ -263,7 +263,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     dim = SIZES[size].out_embed_dim
     weights = checkpoint_id(pc.imagebind_checkpoint, pc.seed)
     encoder = f"imagebind-{size}"
-    config_hash = _config_hash(pc, encoder, weights)
+    config_hash = preprocess_config_hash(pc, encoder, weights)
     store = Store.open(config.paths.store, create=True, embedding_dim=dim, fused_dim=fused_width(pc.fusion, dim))
     report = PreprocessReport(
         store=Path(config.paths.store), store_version=store.version, encoder=encoder,

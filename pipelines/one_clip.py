@@ -17,7 +17,7 @@ import numpy as np
 
 from infra.config import PreprocessConfig
 from pipelines.imagebind import checkpoint_id, resolve_size
-from pipelines.job import ImageBindStage, _config_hash, _speaker_settings, decode_row, fuse_batch
+from pipelines.job import ImageBindStage, decode_row, fuse_batch, preprocess_config_hash, speaker_settings
 
 
 @dataclass
@@ -46,13 +46,13 @@ class ClipEmbedder:
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.speaker = _speaker_settings(config)
+        self.speaker = speaker_settings(config)
         checkpoint = str(config.imagebind_checkpoint) if config.imagebind_checkpoint else None
         self.encoder_stage = ImageBindStage(checkpoint=checkpoint, size=config.imagebind_size, seed=config.seed,
                                            dtype=config.encoder_dtype)
         self.encoder = f"imagebind-{resolve_size(config.imagebind_checkpoint, config.imagebind_size)}"
         self.encoder_checkpoint = checkpoint_id(config.imagebind_checkpoint, config.seed)
-        self.config_hash = _config_hash(config, self.encoder, self.encoder_checkpoint)
+        self.config_hash = preprocess_config_hash(config, self.encoder, self.encoder_checkpoint)
 
     def __call__(self, path: Path | str, key: str = "clip") -> EmbeddedClip:
         row = decode_row({"key": key, "path": str(path)}, self.speaker)

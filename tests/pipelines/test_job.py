@@ -187,9 +187,9 @@ def test_odd_clip_paths_become_failures_and_the_job_goes_on(mini_meld, tmp_path,
 def test_encoder_dtype_enters_the_config_hash_only_when_not_fp32():
     """A store written before `preprocess.encoder_dtype` existed keeps its hashes (no recompute); a
     bf16 encoder's rows are recomputed."""
-    from pipelines.job import _config_hash
+    from pipelines.job import preprocess_config_hash
 
     default, fp32 = load_config(None, []).preprocess, load_config(None, ["preprocess.encoder_dtype=float32"]).preprocess
     bf16 = load_config(None, ["preprocess.encoder_dtype=bfloat16"]).preprocess
-    hashes = [_config_hash(pc, "imagebind-small", "random-init:0") for pc in (default, fp32, bf16)]
+    hashes = [preprocess_config_hash(pc, "imagebind-small", "random-init:0") for pc in (default, fp32, bf16)]
     assert hashes[0] == hashes[1] != hashes[2]
