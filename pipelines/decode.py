@@ -1,11 +1,16 @@
 """Decode one clip into what the encoders need: 16 kHz mono audio features and the speaker's face.
 
-Audio goes through PyAV (bundled FFmpeg; decord's AudioReader leaks memory per clip), video through
-decord. The active-speaker stage (`pipelines.asd.stage`) finds the speaking face on small 25 fps
-frames; the 10 frames ImageBind's recipe samples are then read at full resolution and cut around the
-speaker's box (a square grown by `crop_margin`), so every clip yields frames of one shape. With no
-visible speaker the centre square is used and the row says so. A bad clip never raises: it comes
-back with a failure reason, and whichever modality did decode is kept.
+    decode_media (CPU) -> detect_faces_step (S3FD, batched) -> track_step (CPU) -> score_step (TalkNet,
+    batched) -> crop_speaker (CPU)
+
+The preprocessing job runs these steps as its Ray stages (the model steps in actor pools, only when
+their checkpoints are given); `decode_clip` runs them in order in this process. Audio goes through PyAV
+(bundled FFmpeg; decord's AudioReader leaks memory per clip), video through decord. The active-speaker
+stage (`pipelines.asd.stage`) finds the speaking face on small 25 fps frames; the 10 frames ImageBind's
+recipe samples are then read at full resolution and cut around the speaker's box (a square grown by
+`crop_margin`), so every clip yields frames of one shape. With no visible speaker the centre square is
+used and the row says so. A bad clip never raises: it comes back with a failure reason, and whichever
+modality did decode is kept.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.asd.stage import ASD_FPS, SCORE_SHORT_SIDE, SpeakerResult, speaker_for_clip
+from pipelines.asd.stage import (
+    ASD_FPS, S3FD_BATCH, SCORE_SHORT_SIDE, SpeakerResult, SpeakerWork, s3fd_detections, score_with_talknet, start_speaker,
+    track_speaker,
+)  # fmt: skip
 from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, resample_channels, video_frame_indices
 from pipelines.media import crop_square, probe_clip
@@ -64,14 +72,14 @@ def _device():
 
 
 @lru_cache(maxsize=2)  # one loaded model per checkpoint and worker process (Ray reuses its workers)
-def _talknet(checkpoint: str):
+def talknet_model(checkpoint: str):
     from pipelines.asd.talknet import load_talknet
 
     return load_talknet(checkpoint).to(_device())
 
 
 @lru_cache(maxsize=2)
-def _s3fd(checkpoint: str):
+def s3fd_model(checkpoint: str):
     from pipelines.asd.s3fd import load_s3fd
 
     return load_s3fd(checkpoint).to(_device())
@@ -80,6 +88,7 @@ def _s3fd(checkpoint: str):
 @dataclass
 class DecodedClip:
     key: str
+    path: str | None = None
     duration: float | None = None
     fps: float | None = None
     has_audio: bool = False
@@ -91,6 +100,13 @@ class DecodedClip:
     asd_score: float | None = None
     speaker_track_frames: int | None = None
     failure: tuple[str, str, str] | None = None  # (stage, reason, detail)
+    speaker: SpeakerWork | None = None  # the speaker stage in progress, between decode and `crop_speaker`
+    video: bool = False  # the video stream is there to read (the probe found it)
+
+    def fail(self, stage: str, reason: str, exc: BaseException | str) -> None:
+        """Record the first failure of this clip (later steps keep what they can)."""
+        if self.failure is None:
+            self.failure = (stage, reason, exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}")
 
 
 def read_audio_16k(path: Path | str) -> np.ndarray | None:
@@ -126,11 +142,10 @@ def read_audio_channels(path: Path | str) -> tuple[np.ndarray, int] | None:
     return (np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)), rate
 
 
-def decode_clip(
-    key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()
-) -> DecodedClip:
-    """Decode one clip for ImageBind; failures are returned, never raised."""
-    out = DecodedClip(key=key)
+def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:
+    """First step (CPU): probe, audio (ImageBind's features; the 16 kHz mono the speaker stage hears) and
+    the speaker stage's frames and shot cuts. Failures are recorded, never raised."""
+    out = DecodedClip(key=key, path=str(path) if path is not None else None)
     if path is None:
         out.failure = ("read", "missing_file", "CSV row without a clip")
         return out
@@ -140,6 +155,7 @@ def decode_clip(
         out.failure = ("decode", probe.reason or "unknown", probe.detail)
         if probe.reason != "no_audio_stream":  # without audio the face can still be embedded
             return out
+    out.video = True
     waveform = None
     try:
         if probe.has_audio:
@@ -148,14 +164,90 @@ def decode_clip(
                 # TalkNet and `sync` hear FFmpeg's mono downmix (as the TalkNet demo); ImageBind channel 0
                 out.audio = audio_features(resample_channels(*read_audio_channels(path)))
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
-        out.failure = ("decode", "audio_decode_error", f"{type(exc).__name__}: {exc}")
-    try:
-        _speaker_frames(out, str(path), waveform, speaker)
-    except Exception as exc:  # noqa: BLE001
-        out.failure = ("decode", "video_decode_error", f"{type(exc).__name__}: {exc}")
-    if out.audio is None and out.frames is not None and out.failure is None:
-        out.failure = ("decode", "no_audio_stream", "audio missing or empty; vision only")
+        out.fail("decode", "audio_decode_error", exc)
+    if speaker.method in ("sync", "talknet"):
+        try:
+            out.speaker = start_speaker(
+                str(path), waveform, speaker.is_faithful, speaker.detect_every, speaker.threshold,
+                s3fd=speaker.s3fd_checkpoint is not None, keep_small=speaker.save_crops is not None,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the frames ImageBind needs may still decode
+            out.fail("decode", "video_decode_error", exc)
     return out
+
+
+def detect_faces_step(clips: list[DecodedClip], s3fd) -> None:
+    """S3FD over the frames of several clips at once; a batch that fails is retried clip by clip."""
+    _batched_step(clips, lambda works: s3fd_detections(works, s3fd, s3fd_frames_per_forward(s3fd)), "face_detection_error")
+
+
+def track_step(clip: DecodedClip, talknet: bool) -> DecodedClip:
+    """CPU: faces (Haar, unless S3FD found them), tracks within shots; `sync` picks the speaker here."""
+    if clip.speaker is not None:
+        try:
+            track_speaker(clip.speaker, talknet)
+        except Exception as exc:  # noqa: BLE001 - the clip goes on with a centre crop
+            clip.fail("speaker", "tracking_error", exc)
+            clip.speaker = None
+    return clip
+
+
+def score_step(clips: list[DecodedClip], talknet) -> None:
+    """TalkNet over the tracks of several clips at once; a batch that fails is retried clip by clip."""
+    _batched_step(clips, lambda works: score_with_talknet(works, talknet), "speaker_scoring_error")
+
+
+def _batched_step(clips: list[DecodedClip], step, reason: str) -> None:
+    pending = [c for c in clips if c.speaker is not None]
+    try:
+        step([c.speaker for c in pending])
+        return
+    except Exception:  # noqa: BLE001 - one bad clip must not fail its batch
+        pass
+    for clip in pending:
+        try:
+            step([clip.speaker])
+        except Exception as exc:  # noqa: BLE001 - the clip goes on with a centre crop
+            clip.fail("speaker", reason, exc)
+            clip.speaker = None
+
+
+def s3fd_frames_per_forward(model) -> int:
+    """Frames per S3FD forward: a batch on a GPU; one on a CPU, where batching only costs cache
+    (`benchmarks/asd.py`: a 16-frame batch ran at 0.79x of frame by frame on 2 cores)."""
+    return S3FD_BATCH if next(model.parameters()).is_cuda else 1
+
+
+def crop_speaker(clip: DecodedClip, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:
+    """Last step (CPU): the speaker's fields, and the 10 frames ImageBind's recipe samples, read at full
+    resolution and cut around the speaker (the centre square when nobody visible speaks)."""
+    work, clip.speaker = clip.speaker, None
+    result = work.result if work is not None else None
+    if result is not None:
+        clip.asd_method, clip.asd_score, clip.face_visible = result.method, result.score, result.face_visible
+    if not clip.video:
+        return clip
+    try:
+        _crop_frames(clip, result, speaker)
+        if speaker.save_crops and result is not None and result.track is not None:
+            save_track_video(Path(speaker.save_crops) / f"{clip.key}.mp4", work.clip.small, result, speaker.crop_margin)
+    except Exception as exc:  # noqa: BLE001
+        clip.fail("decode", "video_decode_error", exc)
+    if clip.audio is None and clip.frames is not None and clip.failure is None:
+        clip.failure = ("decode", "no_audio_stream", "audio missing or empty; vision only")
+    return clip
+
+
+def decode_clip(key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:
+    """Decode one clip for ImageBind, in this process: the job's steps in order, models loaded once per
+    process. Failures are returned, never raised."""
+    clip = decode_media(key, path, speaker)
+    if speaker.s3fd_checkpoint:
+        detect_faces_step([clip], s3fd_model(speaker.s3fd_checkpoint))
+    track_step(clip, talknet=speaker.method == "talknet")
+    if speaker.method == "talknet":
+        score_step([clip], talknet_model(speaker.talknet_checkpoint))
+    return crop_speaker(clip, speaker)
 
 
 def save_track_video(target: Path, frames: np.ndarray, result: SpeakerResult, margin: float) -> None:
@@ -173,31 +265,20 @@ def save_track_video(target: Path, frames: np.ndarray, result: SpeakerResult, ma
         container.mux(stream.encode(None))
 
 
-def _speaker_frames(out: DecodedClip, path: str, waveform: np.ndarray | None, settings: SpeakerSettings) -> None:
-    """Fill `out.frames` ([5, 2, 224, 224, 3]) with the speaker's face, and the speaker fields."""
+def _crop_frames(out: DecodedClip, result: SpeakerResult | None, settings: SpeakerSettings) -> None:
+    """Fill `out.frames` ([5, 2, 224, 224, 3]) with the speaker's face, and the speaker's box."""
     import decord
 
-    reader = decord.VideoReader(path, num_threads=1)
+    reader = decord.VideoReader(out.path, num_threads=1)
     n_frames, fps = len(reader), float(reader.get_avg_fps())
     indices = video_frame_indices(n_frames, fps)
     unique, inverse = np.unique(indices, return_inverse=True)
     full = reader.get_batch(unique.tolist()).asnumpy()
     height, width = full.shape[1:3]
-
-    result = None
-    if settings.method in ("sync", "talknet"):
-        talknet = _talknet(settings.talknet_checkpoint) if settings.method == "talknet" else None
-        s3fd = _s3fd(settings.s3fd_checkpoint) if settings.s3fd_checkpoint else None
-        result, clip = speaker_for_clip(
-            path, waveform, settings.threshold, settings.is_faithful, settings.detect_every, talknet, s3fd
-        )  # fmt: skip
-        if settings.save_crops and result.track is not None:
-            save_track_video(Path(settings.save_crops) / f"{out.key}.mp4", clip.small, result, settings.crop_margin)
-        out.asd_method, out.asd_score, out.face_visible = result.method, result.score, result.face_visible
-        if result.track is not None:
-            out.speaker_track_frames = len(result.track)
-            median = np.median(result.track.boxes, axis=0) * result.scale
-            out.speaker_box = tuple(float(v) for v in median / [width, height, width, height])
+    if result is not None and result.track is not None:
+        out.speaker_track_frames = len(result.track)
+        median = np.median(result.track.boxes, axis=0) * result.scale
+        out.speaker_box = tuple(float(v) for v in median / [width, height, width, height])
     use_track = result is not None and result.track is not None and result.face_visible is not False
     side = min(height, width)
     centre = np.array([(width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2])

@@ -1,6 +1,11 @@
-"""The preprocessing job: MELD -> decode -> ImageBind -> fuse -> feature store, on Ray Data.
+"""The preprocessing job: MELD -> decode -> speaker -> ImageBind -> fuse -> feature store, on Ray Data.
 
-    read manifest  ->  decode (CPU tasks)  ->  ImageBind (actor pool, CPU or GPU)  ->  fuse  ->  write
+    read manifest -> decode (CPU tasks) -> faces (S3FD actors) -> tracks (CPU) -> speaker scores
+    (TalkNet actors) -> crops (CPU) -> ImageBind (actors) -> fuse -> write
+
+Model stages are actor pools on GPUs (`num_gpus`) or, without one, CPU actors; the S3FD and TalkNet
+stages exist only when their checkpoints are given (otherwise faces are Haar's and `sync` scores, in the
+CPU tracks stage).
 
 Every CSV utterance ends up as one store row; a clip that is missing or bad gets its row with null
 embeddings and a `failures` record saying why. Rows are committed in batches as results stream in,
@@ -26,7 +31,10 @@ import pyarrow as pa
 from featurestore import Store
 from infra.config import MergConfig, PreprocessConfig
 from infra.progress import progress_bar
-from pipelines.decode import DECODE_BASE_MEMORY, SpeakerSettings, decode_clip, decode_memory
+from pipelines.decode import (
+    DECODE_BASE_MEMORY, DecodedClip, SpeakerSettings, s3fd_model, talknet_model, crop_speaker, decode_media, decode_memory,
+    detect_faces_step, score_step, track_step,
+)  # fmt: skip
 from pipelines.fusion import fuse, fused_width
 from pipelines.imagebind import (
     AUDIO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, MEL_BINS, SIZES, TARGET_FRAMES, VIDEO_CLIPS,
@@ -59,14 +67,54 @@ class PreprocessReport:
     media_seconds: float = 0.0
 
 
-# ---- stages ---------------------------------------------------------------------------------------
+# ---- stages ----------------------------------------------------------------------------------------
+# Between the decode and crop stages a row is {"key", "clip": DecodedClip} (the clip's speaker work rides
+# along, pickled); the crop stage turns it into fixed-shape arrays for the encoder.
 def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
-    """CPU stage: one clip -> fixed-shape arrays plus flags (zeros where a modality is missing)."""
-    clip = decode_clip(row["key"], row["path"] or None, speaker)
+    """CPU stage: probe, audio, the speaker stage's frames and shot cuts."""
+    return {"key": row["key"], "clip": decode_media(row["key"], row["path"] or None, speaker)}
+
+
+class S3FDStage:
+    """Actor stage: holds S3FD; faces on the frames of a batch of clips, frames batched across clips."""
+
+    def __init__(self, checkpoint: str):
+        _cpu_actor_threads()
+        self.model = s3fd_model(checkpoint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        detect_faces_step(list(batch["clip"]), self.model)
+        return batch
+
+
+def track_row(row: dict[str, Any], talknet: bool) -> dict[str, Any]:
+    """CPU stage: tracks within shots (Haar faces when no S3FD stage ran); `sync` decides here."""
+    return {"key": row["key"], "clip": track_step(row["clip"], talknet)}
+
+
+class TalkNetStage:
+    """Actor stage: holds TalkNet; scores the tracks of a batch of clips, windows batched across clips."""
+
+    def __init__(self, checkpoint: str):
+        _cpu_actor_threads()
+        self.model = talknet_model(checkpoint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        score_step(list(batch["clip"]), self.model)
+        return batch
+
+
+def crop_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
+    """CPU stage: the speaker's face cut from ImageBind's frames, as fixed-shape arrays plus flags."""
+    return clip_row(crop_speaker(row["clip"], speaker))
+
+
+def clip_row(clip: DecodedClip) -> dict[str, Any]:
+    """A decoded clip as the encoder stage's row (zeros where a modality is missing)."""
     stage, reason, detail = clip.failure or ("", "", "")
     box = clip.speaker_box or (np.nan,) * 4
     return {
-        "key": row["key"],
+        "key": clip.key,
         "duration": np.float32(clip.duration if clip.duration is not None else np.nan),
         "fps": np.float32(clip.fps if clip.fps is not None else np.nan),
         "has_audio_stream": clip.has_audio,
@@ -85,14 +133,18 @@ def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
     }
 
 
+def _cpu_actor_threads() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # CPU actors share the machine with the decode tasks
+
+
 class ImageBindStage:
     """Actor stage: holds ImageBind; embeds the rows that have audio features and/or frames."""
 
     def __init__(self, checkpoint: str | None, size: str | None, seed: int, dtype: str = "float32"):
-        import torch
-
-        if not torch.cuda.is_available():
-            torch.set_num_threads(1)  # CPU actors share the machine with the decode tasks
+        _cpu_actor_threads()
         self.encoder = ImageBindEncoder(checkpoint=checkpoint, size=size, seed=seed, dtype=dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -232,15 +284,28 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
     parts = [
         # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
         ray.data.from_items(group, override_num_blocks=max(1, -(-len(group) // pc.batch_size)))
-        # Declaring memory also keeps Ray from fusing decode into the encoder actor (ops with equal
+        # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
-        # (with asd_gpus, TalkNet and S3FD run on a GPU share inside the decode tasks)
-        .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, num_gpus=pc.asd_gpus,
-             memory=memory, concurrency=pc.decode_concurrency)  # fmt: skip
+        .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, memory=memory,
+             concurrency=pc.decode_concurrency)  # fmt: skip
         for memory, group in sorted(groups.items())
     ]
     log.info("decode memory per task: %s", ", ".join(f"{len(g)} clips x {m / 1024**3:.1f} GiB" for m, g in sorted(groups.items())))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _speaker_crops(decoded, pc: PreprocessConfig):
+    """decoded clips -> faces (S3FD actors) -> tracks (CPU) -> scores (TalkNet actors) -> crops (CPU)."""
+    speaker = speaker_settings(pc)
+    # like the encoder's, speaker actors take no CPU slot: on a CPU machine they share it with decode
+    actors = dict(concurrency=pc.asd_actors, num_gpus=pc.asd_gpus, num_cpus=0, batch_size=pc.asd_batch_clips, batch_format="numpy")
+    ds = decoded
+    if speaker.method != "none" and speaker.s3fd_checkpoint:
+        ds = ds.map_batches(S3FDStage, fn_constructor_kwargs={"checkpoint": speaker.s3fd_checkpoint}, **actors)
+    ds = ds.map(track_row, fn_kwargs={"talknet": speaker.method == "talknet"})
+    if speaker.method == "talknet":
+        ds = ds.map_batches(TalkNetStage, fn_constructor_kwargs={"checkpoint": speaker.talknet_checkpoint}, **actors)
+    return ds.map(crop_row, fn_kwargs={"speaker": speaker})
 
 
 def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> None:
@@ -320,21 +385,19 @@ def _run_media(
     pc = config.preprocess
     init_ray(pc.ray_address, num_cpus=pc.num_cpus)
     items = [{"key": r.key, "path": str(r.clip_path)} for r in todo]
-    ds = (
-        _decoded(items, pc)
-        .map_batches(
-            ImageBindStage,
-            fn_constructor_kwargs=dict(
-                checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
-                size=pc.imagebind_size, seed=pc.seed, dtype=pc.encoder_dtype,
-            ),
-            # A GPU actor needs no CPU slot; a CPU actor takes none either, so that decode tasks (the
-            # heavy part on CPU) can use every core; the encoder's work interleaves with theirs.
-            concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0,
-            batch_size=pc.batch_size, batch_format="numpy",
-        )
-        .map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
+    ds = _speaker_crops(_decoded(items, pc), pc)
+    ds = ds.map_batches(
+        ImageBindStage,
+        fn_constructor_kwargs=dict(
+            checkpoint=str(pc.imagebind_checkpoint) if pc.imagebind_checkpoint else None,
+            size=pc.imagebind_size, seed=pc.seed, dtype=pc.encoder_dtype,
+        ),
+        # A GPU actor needs no CPU slot; a CPU actor takes none either, so that decode tasks (the
+        # heavy part on CPU) can use every core; the encoder's work interleaves with theirs.
+        concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0,
+        batch_size=pc.batch_size, batch_format="numpy",
     )  # fmt: skip
+    ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
     with progress_bar("preprocessing clips", len(items)) as advance:
         for batch in ds.iter_batches(batch_size=pc.write_batch, batch_format="numpy"):
             _write(store, _media_rows(batch, meta, sha), report)

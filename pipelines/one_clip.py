@@ -4,8 +4,9 @@
     clip = embedder("any.mp4")                        # decode -> speaker -> ImageBind -> fuse
     clip.vectors["fused_emb"], clip.speaker_box, clip.failure
 
-The chain is the job's (`pipelines.job`: `decode_row` -> `ImageBindStage` -> `fuse_batch`) on a batch
-of one, so a clip embedded here gets the vectors the store would hold for it.
+The chain is the job's (`pipelines.decode.decode_clip`: its decode, speaker and crop steps in this
+process, then `pipelines.job`'s `ImageBindStage` -> `fuse_batch`) on a batch of one, so a clip
+embedded here gets the vectors the store would hold for it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 
 from infra.config import PreprocessConfig
 from pipelines.imagebind import checkpoint_id, resolve_size
-from pipelines.job import ImageBindStage, decode_row, fuse_batch, preprocess_config_hash, speaker_settings
+from pipelines.decode import decode_clip
+from pipelines.job import ImageBindStage, clip_row, fuse_batch, preprocess_config_hash, speaker_settings
 
 
 @dataclass
@@ -55,7 +57,7 @@ class ClipEmbedder:
         self.config_hash = preprocess_config_hash(config, self.encoder, self.encoder_checkpoint)
 
     def __call__(self, path: Path | str, key: str = "clip") -> EmbeddedClip:
-        row = decode_row({"key": key, "path": str(path)}, self.speaker)
+        row = clip_row(decode_clip(key, str(path), self.speaker))
         batch = fuse_batch(self.encoder_stage(_batch_of_one(row)), self.config.fusion)
         has_audio, has_video = bool(batch["has_audio_feat"][0]), bool(batch["has_frames"][0])
         vectors = {}

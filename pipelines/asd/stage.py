@@ -137,46 +137,66 @@ def read_clip_frames(path: str, faithful: bool = False, s3fd_scale: float | None
     return ClipFrames(small, width / small.shape[2], shots.cuts(), detect_frames, to_small, path)
 
 
-def detect_every_kth(frames: np.ndarray, k: int = 5, s3fd=None, to_frames: float = 1.0) -> list[np.ndarray]:
-    """Face boxes on every k-th frame and the last (Haar, or S3FD when a loaded model is given), in
-    pixels x `to_frames`; the frames between get none (tracks interpolate). S3FD sees `frames` as they
-    are (the caller resized them), `S3FD_BATCH` frames per forward."""
-    n = len(frames)
-    chosen = [i for i in range(n) if i % k == 0 or i == n - 1]
-    if s3fd is not None:
-        from pipelines.asd.s3fd import detect_batch
+def detection_frames(clip: ClipFrames, faithful: bool, detect_every: int, s3fd: bool) -> tuple[np.ndarray, list[int], float]:
+    """What a face detector sees of a clip: (frames, the 25-fps frame each one is, their pixels -> small
+    pixels). Faithful: every frame (S3FD: its 0.25-scale copy of the full frames). Fast: every
+    `detect_every`-th frame and the last (S3FD: at 0.5 of the small frames, ~0.25 of 720p)."""
+    n = len(clip.small)
+    chosen = list(range(n)) if faithful else [i for i in range(n) if i % detect_every == 0 or i == n - 1]
+    if not s3fd:
+        return clip.small[chosen], chosen, 1.0
+    if faithful:
+        return clip.detect, chosen, clip.detect_to_small
+    half = np.stack([cv2.resize(clip.small[i], None, fx=0.5, fy=0.5, interpolation=cv2.INTER_LINEAR) for i in chosen])
+    return half, chosen, clip.small.shape[2] / half.shape[2]
 
-        found = []
-        for start in range(0, len(chosen), S3FD_BATCH):
-            found += detect_batch(s3fd, frames[chosen[start : start + S3FD_BATCH]], scale=1.0)
-    else:
-        found = [detect_faces(frames[i]) for i in chosen]
+
+def place_detections(n: int, chosen: list[int], found: list[np.ndarray], to_small: float) -> list[np.ndarray]:
+    """Boxes per frame of the clip (small pixels); frames not looked at get none (tracks interpolate)."""
     out = [np.zeros((0, 4)) for _ in range(n)]
     for i, boxes in zip(chosen, found):
-        out[i] = np.asarray(boxes, float).reshape(-1, 4) * to_frames
+        out[i] = np.asarray(boxes, float).reshape(-1, 4) * to_small
     return out
 
 
+def s3fd_faces(model, frame_sets: list[np.ndarray], frames_per_forward: int = S3FD_BATCH) -> list[list[np.ndarray]]:
+    """S3FD boxes of every frame of several clips (each a [n, h, w, 3] stack, as the caller resized it),
+    `frames_per_forward` frames of one size per forward, across clips."""
+    from pipelines.asd.s3fd import detect_batch
+
+    found: list[list[np.ndarray]] = [[np.zeros((0, 4))] * len(frames) for frames in frame_sets]
+    by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for c, frames in enumerate(frame_sets):
+        by_size.setdefault(frames.shape[1:3], []).extend((c, i) for i in range(len(frames)))
+    for members in by_size.values():
+        for start in range(0, len(members), frames_per_forward):
+            part = members[start : start + frames_per_forward]
+            for (c, i), boxes in zip(part, detect_batch(model, np.stack([frame_sets[c][i] for c, i in part]), scale=1.0)):
+                found[c][i] = boxes
+    return found
+
+
+def haar_faces(frames: np.ndarray) -> list[np.ndarray]:
+    return [detect_faces(frame) for frame in frames]
+
+
+def tracks_from(detections: list[np.ndarray], faithful: bool, cuts: list[int] | tuple = ()) -> list[Track]:
+    """Faithful: tracks of more than 10 detected frames (the demo's rule). Fast: tracks spanning 10 frames."""
+    if faithful:
+        return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=cuts)
+    return build_tracks(detections, min_length=min(MIN_TRACK, len(detections)), cuts=cuts)
+
+
 def face_tracks(frames: np.ndarray, detect_every: int = 5, s3fd=None, cuts: list[int] | tuple = ()) -> list[Track]:
-    """`fast` mode: faces on every `detect_every`-th frame (S3FD at 0.5 of the small frames, ~0.25 of
-    720p), linked into tracks spanning 10 frames within each shot."""
-    if s3fd is not None:
-        half = np.stack([cv2.resize(f, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_LINEAR) for f in frames])
-        detections = detect_every_kth(half, detect_every, s3fd, to_frames=frames.shape[2] / half.shape[2])
-    else:
-        detections = detect_every_kth(frames, detect_every)
-    return build_tracks(detections, min_length=min(MIN_TRACK, len(frames)), cuts=cuts)
+    """`fast` mode on small frames alone (Haar, or a loaded S3FD): tracks within the shots `cuts` gives."""
+    return clip_tracks(ClipFrames(frames, 1.0, list(cuts)), False, detect_every, s3fd)
 
 
 def clip_tracks(clip: ClipFrames, faithful: bool, detect_every: int = 5, s3fd=None) -> list[Track]:
-    """Face tracks of a clip, in small-frame pixels, within its shots."""
-    if not faithful:
-        return face_tracks(clip.small, detect_every, s3fd, clip.cuts)
-    if s3fd is not None:
-        detections = detect_every_kth(clip.detect, 1, s3fd, clip.detect_to_small)
-    else:
-        detections = detect_every_kth(clip.small, 1)
-    return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=clip.cuts)
+    """Face tracks of a clip, in small-frame pixels, within its shots (faces by Haar, or a loaded S3FD)."""
+    frames, chosen, to_small = detection_frames(clip, faithful, detect_every, s3fd is not None)
+    found = s3fd_faces(s3fd, [frames])[0] if s3fd is not None else haar_faces(frames)
+    return tracks_from(place_detections(len(clip.small), chosen, found, to_small), faithful, clip.cuts)
 
 
 def track_looks(frames: np.ndarray, tracks: list[Track]) -> list[np.ndarray]:
@@ -258,14 +278,6 @@ def talknet_frame_scores(inputs: list[tuple[np.ndarray, np.ndarray]], model, dec
     return [np.round(m, decimals) for m in means] if decimals is not None else means
 
 
-def talknet_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray, model, chunks=None, to_chunk_px: float = 1.0) -> list[float]:
-    """Mean TalkNet speaking score of every track. Face crops come from `frames` (the tracks' pixels) or,
-    faithful, from full-resolution `chunks` (see `talknet_faces`)."""
-    faces = talknet_faces(chunks if chunks is not None else [(0, frames)], tracks, to_chunk_px)
-    inputs = [talknet_track_inputs(f, audio_16k, t.frames[0]) for f, t in zip(faces, tracks)]
-    return [float(s.mean()) if s.size else float("-inf") for s in talknet_frame_scores(inputs, model)]
-
-
 def choose_speaker(
     tracks: list[Track], scores: list[float] | None, scale: float, threshold: float = DEFAULT_THRESHOLD,
     method: str = "sync", cuts: list[int] | tuple = (), looks: list[np.ndarray] | None = None,
@@ -311,27 +323,82 @@ def choose_speaker(
     )  # fmt: skip
 
 
-def find_speaker(
-    clip: ClipFrames,
-    audio_16k: np.ndarray | None,
-    threshold: float = DEFAULT_THRESHOLD,
-    faithful: bool = False,
-    detect_every: int = 5,
-    talknet=None,
-    s3fd=None,
-) -> SpeakerResult:
-    """Pick the speaking face among the tracks of `clip`, by `sync` or a TalkNet model; faces by Haar
-    cascades, or by a loaded S3FD model."""
-    tracks = clip_tracks(clip, faithful, detect_every, s3fd)
-    has_speech = audio_16k is not None and np.any(audio_16k)
-    if not (tracks and has_speech):
-        return choose_speaker(tracks, None, clip.scale)
-    if talknet is not None:
-        chunks = iter_full_frames(clip.path) if faithful and clip.path else None
-        scores = talknet_scores(clip.small, tracks, audio_16k, talknet, chunks, clip.scale if chunks is not None else 1.0)
-        return choose_speaker(tracks, scores, clip.scale, TALKNET_THRESHOLD, "talknet", clip.cuts)
-    looks = track_looks(clip.small, tracks) if clip.cuts else None
-    return choose_speaker(tracks, sync_scores(clip.small, tracks, audio_16k), clip.scale, threshold, cuts=clip.cuts, looks=looks)
+# ---- the stage as steps: what passes between the job's Ray stages -------------------------------------
+@dataclass
+class SpeakerWork:
+    """One clip inside the speaker stage. The steps fill it in order, each in whichever process runs it:
+
+        start_speaker (CPU: frames, shots) -> faces (S3FD actors, or Haar in `track_speaker`)
+        -> track_speaker (CPU: tracks within shots; `sync` decides here) -> score_with_talknet (TalkNet actors)
+
+    `result` is set by the step that decides; the frames are dropped once no later step needs them."""
+
+    clip: ClipFrames
+    audio_16k: np.ndarray | None
+    faithful: bool = False
+    detect_every: int = 5
+    threshold: float = DEFAULT_THRESHOLD
+    keep_small: bool = False  # keep the small frames to the end (for saving the speaker's face track)
+    detections: list[np.ndarray] | None = None  # per 25-fps frame, small-frame pixels
+    tracks: list[Track] | None = None
+    talknet_inputs: list[tuple[np.ndarray, np.ndarray]] | None = None  # per track: (MFCC, faces)
+    result: SpeakerResult | None = None
+
+
+def start_speaker(
+    path: str, audio_16k: np.ndarray | None, faithful: bool = False, detect_every: int = 5,
+    threshold: float = DEFAULT_THRESHOLD, s3fd: bool = False, keep_small: bool = False,
+) -> SpeakerWork:
+    """Read the clip's frames and shot cuts (faithful with S3FD: its 0.25-scale input too)."""
+    from pipelines.asd.s3fd import DEMO_SCALE
+
+    clip = read_clip_frames(path, faithful, DEMO_SCALE if (faithful and s3fd) else None)
+    return SpeakerWork(clip, audio_16k, faithful, detect_every, threshold, keep_small)
+
+
+def s3fd_detections(works: list[SpeakerWork], model, frames_per_forward: int = S3FD_BATCH) -> None:
+    """Faces of several clips by one S3FD model, frames of all of them batched together."""
+    plans = [detection_frames(w.clip, w.faithful, w.detect_every, s3fd=True) for w in works]
+    found = s3fd_faces(model, [frames for frames, _, _ in plans], frames_per_forward)
+    for work, (_, chosen, to_small), boxes in zip(works, plans, found):
+        work.detections = place_detections(len(work.clip.small), chosen, boxes, to_small)
+        work.clip.detect = None  # S3FD's input is no longer needed
+
+
+def track_speaker(work: SpeakerWork, talknet: bool = False) -> None:
+    """Faces (Haar, unless S3FD found them), tracks within shots, and then: without a face or speech the
+    longest track; `sync` scores and the speaker; for TalkNet, each track's inputs as the demo cuts them."""
+    clip = work.clip
+    if work.detections is None:
+        frames, chosen, _ = detection_frames(clip, work.faithful, work.detect_every, s3fd=False)
+        work.detections = place_detections(len(clip.small), chosen, haar_faces(frames), 1.0)
+    tracks = work.tracks = tracks_from(work.detections, work.faithful, clip.cuts)
+    work.detections = None
+    audio = work.audio_16k
+    if not (tracks and audio is not None and np.any(audio)):
+        work.result = choose_speaker(tracks, None, clip.scale)
+    elif talknet:
+        full = work.faithful and clip.path
+        chunks = iter_full_frames(clip.path) if full else [(0, clip.small)]
+        faces = talknet_faces(chunks, tracks, clip.scale if full else 1.0)
+        work.talknet_inputs = [talknet_track_inputs(f, audio, t.frames[0]) for f, t in zip(faces, tracks)]
+    else:
+        looks = track_looks(clip.small, tracks) if clip.cuts else None
+        work.result = choose_speaker(tracks, sync_scores(clip.small, tracks, audio), clip.scale, work.threshold, cuts=clip.cuts, looks=looks)
+    if not work.keep_small:
+        clip.small = clip.small[:0]  # later steps need the tracks, not the frames
+
+
+def score_with_talknet(works: list[SpeakerWork], model) -> None:
+    """TalkNet's scores for the tracks of several clips (windows batched across all of them) and each
+    clip's speaker; clips already decided (no face or no speech) are left as they are."""
+    pending = [w for w in works if w.result is None]
+    inputs = [pair for w in pending for pair in w.talknet_inputs]
+    frame_scores = iter(talknet_frame_scores(inputs, model))
+    for work in pending:
+        scores = [float(s.mean()) if s.size else float("-inf") for s in (next(frame_scores) for _ in work.talknet_inputs)]
+        work.result = choose_speaker(work.tracks, scores, work.clip.scale, TALKNET_THRESHOLD, "talknet", work.clip.cuts)
+        work.talknet_inputs = None
 
 
 def speaker_for_clip(
@@ -343,8 +410,11 @@ def speaker_for_clip(
     talknet=None,
     s3fd=None,
 ) -> tuple[SpeakerResult, ClipFrames]:
-    """The whole speaker stage on one decoded clip, in this process (no Ray): read, detect, track, score."""
-    from pipelines.asd.s3fd import DEMO_SCALE
-
-    clip = read_clip_frames(path, faithful, DEMO_SCALE if (faithful and s3fd is not None) else None)
-    return find_speaker(clip, audio_16k, threshold, faithful, detect_every, talknet, s3fd), clip
+    """The whole speaker stage on one clip, in this process (no Ray), with loaded models (or None)."""
+    work = start_speaker(path, audio_16k, faithful, detect_every, threshold, s3fd is not None, keep_small=True)
+    if s3fd is not None:
+        s3fd_detections([work], s3fd)
+    track_speaker(work, talknet is not None)
+    if talknet is not None:
+        score_with_talknet([work], talknet)
+    return work.result, work.clip
