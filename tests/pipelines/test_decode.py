@@ -86,3 +86,25 @@ def test_save_crops_writes_the_speaker_track(mini_meld, tmp_path):
     clip = decode_clip(truth["key"], mini_meld / truth["clip"], speaker=SpeakerSettings(save_crops=str(tmp_path)))
     video = decord.VideoReader(str(tmp_path / f"{truth['key']}.mp4"))
     assert video[0].shape == (224, 224, 3) and len(video) == clip.speaker_track_frames
+
+
+def test_a_clip_that_fails_a_model_batch_is_retried_alone_and_only_it_fails(monkeypatch):
+    """An actor's batch (S3FD or TalkNet over several clips) that raises is retried clip by clip: the bad
+    clip is recorded with a reason and goes on to a centre crop; the others are scored."""
+    import pipelines.decode as decode
+    from pipelines.asd.stage import ClipFrames, SpeakerWork
+
+    def score(works):
+        if any(w.clip.path == "bad.mp4" for w in works):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        for w in works:
+            w.result = "scored"
+
+    monkeypatch.setattr(decode, "score_with_talknet", lambda works, model: score(works))
+    clips = [decode.DecodedClip(key=f"dev/dia0_utt{i}", path=p) for i, p in enumerate(["a.mp4", "bad.mp4", "b.mp4"])]
+    for clip in clips:
+        clip.speaker = SpeakerWork(ClipFrames(np.zeros((1, 2, 2, 3), np.uint8), 1.0, [], path=clip.path), None)
+    decode.score_step(clips, None)
+    assert [c.speaker.result if c.speaker else None for c in clips] == ["scored", None, "scored"]
+    assert clips[1].failure[:2] == ("speaker", "speaker_scoring_error") and "illegal memory" in clips[1].failure[2]
+    assert clips[0].failure is None and clips[2].failure is None

@@ -193,3 +193,50 @@ def test_encoder_dtype_enters_the_config_hash_only_when_not_fp32():
     bf16 = load_config(None, ["preprocess.encoder_dtype=bfloat16"]).preprocess
     hashes = [preprocess_config_hash(pc, "imagebind-small", "random-init:0") for pc in (default, fp32, bf16)]
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+def _stage_names(ds) -> list[str]:
+    op, names = ds._logical_plan.dag, []
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return names[::-1]
+
+
+def test_speaker_models_run_as_actor_stages_only_when_given(ray_session, tmp_path):
+    """S3FD and TalkNet are actor pools between the CPU stages (a GPU share each with asd_gpus), not
+    models inside every decode task; without their checkpoints the stage is CPU only."""
+    import ray
+
+    from pipelines.job import _speaker_crops
+
+    items = ray.data.from_items([{"key": "dev/dia0_utt0", "path": "clip.mp4"}])
+    plain = load_config(None, []).preprocess
+    assert _stage_names(_speaker_crops(items, plain)) == ["FromItems", "Map(track_row)", "Map(crop_row)"]
+    models = load_config(None, [
+        "preprocess.asd_method=talknet", f"preprocess.talknet_checkpoint={tmp_path}/t.model",
+        f"preprocess.s3fd_checkpoint={tmp_path}/s.pth", "preprocess.asd_gpus=0.5", "preprocess.asd_actors=2",
+    ]).preprocess  # fmt: skip
+    ds = _speaker_crops(items, models)
+    names = _stage_names(ds)
+    assert names == ["FromItems", "MapBatches(S3FDStage)", "Map(track_row)", "MapBatches(TalkNetStage)", "Map(crop_row)"]
+    op = ds._logical_plan.dag.input_dependencies[0]  # TalkNetStage
+    assert op.ray_remote_args["num_gpus"] == 0.5 and op.compute.max_size == 2 and op.batch_size == 4
+
+
+@pytest.mark.slow  # TalkNet's six window lengths on CPU
+def test_job_scores_speakers_in_a_talknet_actor_stage(mini_meld, tmp_path, ray_session):
+    """With a TalkNet checkpoint (random: the path is tested, not the choice) the job's TalkNet actors
+    score the tracks; every clip still ends as one row, the faults as failures."""
+    import torch
+
+    from pipelines.asd.talknet import TalkNet
+
+    torch.save(TalkNet().state_dict(), tmp_path / "pretrain_TalkSet.model")
+    config = _config(mini_meld, tmp_path / "store", "preprocess.splits=[dev]", "preprocess.limit=4",
+                     "preprocess.asd_method=talknet", f"preprocess.talknet_checkpoint={tmp_path}/pretrain_TalkSet.model")  # fmt: skip
+    report = run_preprocess(config)
+    rows = Store.open(tmp_path / "store").query(columns=["key", "asd_method", "vision_emb"]).to_pylist()
+    assert len(rows) == report.total == 4
+    assert "talknet" in {r["asd_method"] for r in rows}
+    assert not {reason for stage, reason in report.failures if stage == "speaker"}
