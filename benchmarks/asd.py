@@ -13,12 +13,14 @@ Timing (`--timing-clips` clips of `--timing-seconds` s at MELD's size, 1280x720 
 faces and stereo 48 kHz AAC, written with PyAV, so no ffmpeg or espeak binary is needed; random-init
 S3FD and TalkNet: timing only), on `--device`:
 the faithful mode as the job's actor stages run it (S3FD on every frame at 0.25 of the full frame,
-`S3FD_BATCH` frames per forward on a GPU, one on a CPU; TalkNet windows batched across tracks) against the demo's way (clip by clip, S3FD frame by frame,
-TalkNet one window at a time per track), same clips, same models. A random S3FD finds no faces, so
+`S3FD_BATCH` frames per forward on a GPU, one on a CPU; TalkNet windows batched across tracks) against
+the demo's way (clip by clip, S3FD frame by frame, TalkNet one window at a time per track), same clips,
+same models. A random S3FD finds no faces, so
 both ways score the tracks Haar finds on every frame (the faithful tracking rule). `--json` writes
 {"s3fd_frames_per_s", "talknet_share", "faithful_clips_per_s", "demo_clips_per_s", "speedup_vs_demo",
-"speaker_share_of_job" (the speaker stage's share of the job's work on these clips, against decode and the
-default random ImageBind), "device", ...}. Without ffmpeg or espeak-ng binaries (and no --meld-root) accuracy is skipped, timing runs.
+"speaker_share_of_job" (the speaker stage's share of the job's work on these clips, beside decode and
+the default random ImageBind), "device", ...}. Without ffmpeg or espeak-ng binaries (and no
+--meld-root) accuracy is skipped, timing runs.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from rich.table import Table
 from infra.config import SynthConfig
 from pipelines.asd.stage import (
     ASD_FPS, TALKNET_WINDOWS_S, choose_speaker, clip_tracks, detect_faces, haar_faces, iter_full_frames, read_clip_frames,
-    s3fd_faces, sync_scores, talknet_faces, talknet_frame_scores, talknet_track_inputs, track_looks, tracks_from,
+    s3fd_faces, s3fd_frames_per_forward, sync_scores, talknet_faces, talknet_frame_scores, talknet_track_inputs, track_looks, tracks_from,
 )  # fmt: skip
-from pipelines.decode import SpeakerSettings, crop_speaker, decode_media, read_audio_16k, s3fd_frames_per_forward
+from pipelines.decode import SpeakerSettings, crop_speaker, decode_media, read_audio_16k
 from pipelines.synth import generate, read_ground_truth
 
 

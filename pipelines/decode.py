@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.asd.stage import (
-    ASD_FPS, S3FD_BATCH, SCORE_SHORT_SIDE, SpeakerResult, SpeakerWork, s3fd_detections, score_with_talknet, start_speaker,
+    ASD_FPS, SCORE_SHORT_SIDE, SpeakerResult, SpeakerWork, s3fd_detections, score_with_talknet, start_speaker,
     track_speaker,
 )  # fmt: skip
 from pipelines.asd.sync import DEFAULT_THRESHOLD
@@ -178,7 +178,7 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
 
 def detect_faces_step(clips: list[DecodedClip], s3fd) -> None:
     """S3FD over the frames of several clips at once; a batch that fails is retried clip by clip."""
-    _batched_step(clips, lambda works: s3fd_detections(works, s3fd, s3fd_frames_per_forward(s3fd)), "face_detection_error")
+    _batched_step(clips, lambda works: s3fd_detections(works, s3fd), "face_detection_error")
 
 
 def track_step(clip: DecodedClip, talknet: bool) -> DecodedClip:
@@ -210,12 +210,6 @@ def _batched_step(clips: list[DecodedClip], step, reason: str) -> None:
         except Exception as exc:  # noqa: BLE001 - the clip goes on with a centre crop
             clip.fail("speaker", reason, exc)
             clip.speaker = None
-
-
-def s3fd_frames_per_forward(model) -> int:
-    """Frames per S3FD forward: a batch on a GPU; one on a CPU, where batching only costs cache
-    (`benchmarks/asd.py`: a 16-frame batch ran at 0.79x of frame by frame on 2 cores)."""
-    return S3FD_BATCH if next(model.parameters()).is_cuda else 1
 
 
 def crop_speaker(clip: DecodedClip, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:

@@ -10,6 +10,10 @@ frames, TalkNet's face crops cut from the full-resolution frames (two streaming 
 so a long clip's full frames are never all in memory at once). `fast` detects on every k-th frame of
 small frames (short side <= 360 px) and keeps tracks spanning 10 frames. Either way the chosen track's
 boxes (small-frame pixels x `scale`) cut the speaker's face out of the full-resolution frames ImageBind sees.
+
+The stage is a sequence of steps over a `SpeakerWork` (see there) so that the preprocessing job can run
+each where it belongs: reading and tracking in CPU tasks, S3FD and TalkNet in actor pools that batch
+several clips per call. `speaker_for_clip` runs them all in this process.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ ASD_FPS = 25.0
 SCORE_SHORT_SIDE = 360  # frames for tracking and mouth motion
 DETECT_SHORT_SIDE = 240  # faces are found on a further downscaled copy: Haar's cost grows with pixels
 MIN_TRACK = 10  # the demo's --minTrack: shorter shots are skipped; faithful tracks need more detections
-S3FD_BATCH = 16  # frames per S3FD forward
+S3FD_BATCH = 16  # frames per S3FD forward on a GPU
 
 
 @dataclass
@@ -356,10 +360,16 @@ def start_speaker(
     return SpeakerWork(clip, audio_16k, faithful, detect_every, threshold, keep_small)
 
 
-def s3fd_detections(works: list[SpeakerWork], model, frames_per_forward: int = S3FD_BATCH) -> None:
+def s3fd_frames_per_forward(model) -> int:
+    """Frames per S3FD forward: a batch on a GPU; one on a CPU, where batching only costs cache
+    (`benchmarks/asd.py`: 16 frames per forward ran at 0.79x of frame by frame on 2 cores)."""
+    return S3FD_BATCH if next(model.parameters()).is_cuda else 1
+
+
+def s3fd_detections(works: list[SpeakerWork], model) -> None:
     """Faces of several clips by one S3FD model, frames of all of them batched together."""
     plans = [detection_frames(w.clip, w.faithful, w.detect_every, s3fd=True) for w in works]
-    found = s3fd_faces(model, [frames for frames, _, _ in plans], frames_per_forward)
+    found = s3fd_faces(model, [frames for frames, _, _ in plans], s3fd_frames_per_forward(model))
     for work, (_, chosen, to_small), boxes in zip(works, plans, found):
         work.detections = place_detections(len(work.clip.small), chosen, boxes, to_small)
         work.clip.detect = None  # S3FD's input is no longer needed
