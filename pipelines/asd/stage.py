@@ -64,13 +64,20 @@ def _cascade() -> cv2.CascadeClassifier:
     return cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_alt2.xml")
 
 
+@lru_cache(maxsize=1)
+def _clahe() -> cv2.CLAHE:
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+
+
 def detect_faces(frame_rgb: np.ndarray, min_size: int = 20) -> np.ndarray:
     """Haar-cascade face boxes (x0, y0, x1, y1) in one RGB frame, in its pixels; [k, 4] float."""
     gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
     shrink = max(1.0, min(gray.shape) / DETECT_SHORT_SIDE)
     if shrink > 1.0:
         gray = cv2.resize(gray, None, fx=1 / shrink, fy=1 / shrink, interpolation=cv2.INTER_AREA)
-    faces = _cascade().detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=4, minSize=(min_size, min_size))
+    # local contrast (CLAHE), not a global histogram equalisation: on generated clips it found 99.6% of
+    # faces against 96.6%, the gain all on darker faces, with no false detections (`benchmarks/asd.py`)
+    faces = _cascade().detectMultiScale(_clahe().apply(gray), scaleFactor=1.1, minNeighbors=4, minSize=(min_size, min_size))
     if len(faces) == 0:
         return np.zeros((0, 4))
     faces = np.asarray(faces, dtype=float) * shrink
