@@ -135,8 +135,10 @@ def detect_batch(model: S3FD, frames_rgb: np.ndarray, threshold: float = DEMO_TH
     """Face boxes (x0, y0, x1, y1) in the frames' pixels, for a batch of same-sized RGB frames: one
     forward for all of them, each frame's boxes post-processed as the demo does."""
     height, width = frames_rgb.shape[1:3]
-    x = torch.stack([preprocess(frame, scale) for frame in frames_rgb])
-    loc, score, sizes = model(x.to(next(model.parameters()).device))
+    x = torch.stack([preprocess(frame, scale) for frame in frames_rgb]).to(next(model.parameters()).device)
+    if x.device.type == "cpu":  # oneDNN's channels-last convolutions: ~1.2x faster on CPU, scores equal to ~1e-6
+        x = x.contiguous(memory_format=torch.channels_last)
+    loc, score, sizes = model(x)
     anchors = priors(tuple(x.shape[-2:]), sizes)
     to_pixels = torch.tensor([width, height, width, height])
     return [suppress(decode(loc[i].float().cpu(), anchors) * to_pixels, score[i].float().cpu(), threshold) for i in range(len(x))]

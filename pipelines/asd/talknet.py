@@ -14,6 +14,8 @@ names, parameter names and shapes follow the official layout (`model.visualFront
 One deliberate difference: the official visual front end runs its temporal 3D convolution over the
 whole batch as one sequence, so frames of neighbouring samples leak into each other at the edges;
 here each sample is its own sequence (identical for batch size 1, which is how the demo scores).
+Scoring a track over many windows shares the visual front end between them (`window_visual_features`,
+then `forward_from_visual` per window): its per-frame output sees only 2 frames each side.
 Without a checkpoint the model is random and its scores mean nothing: merg then uses `sync`.
 """
 
@@ -31,6 +33,11 @@ from pipelines.checkpoints import CheckpointMismatch, load_strict  # noqa: F401 
 GREY_MEAN, GREY_STD = 0.4161, 0.1688  # the visual front end's input normalisation
 CROP = 112
 MFCC_PER_FRAME = 4  # 100 MFCC frames/s against 25 video frames/s
+
+
+def normalise_grey(video: torch.Tensor) -> torch.Tensor:
+    """Grey uint8-range crops -> the visual front end's input."""
+    return (video / 255 - GREY_MEAN) / GREY_STD
 
 
 # ---- visual front end: 3D conv + ResNet-18 -----------------------------------------------------------
@@ -73,6 +80,8 @@ class ResNet(nn.Module):
 class VisualFrontend(nn.Module):
     """[B, T, 112, 112] normalised grey crops -> [B, T, 512]."""
 
+    REACH = 2  # frames each side that a frame's features see: the 3D conv's temporal kernel is 5
+
     def __init__(self):
         super().__init__()
         self.frontend3D = nn.Sequential(
@@ -88,6 +97,47 @@ class VisualFrontend(nn.Module):
         x = self.frontend3D(x.unsqueeze(1))  # [B, 64, T, 28, 28]
         x = x.transpose(1, 2).reshape(b * t, 64, *x.shape[-2:])
         return self.resnet(x).reshape(b, t, 512)
+
+    def window_features(self, x: torch.Tensor, windows: list[tuple[int, int]], batch: int | None = None) -> list[torch.Tensor]:
+        """x [T, 112, 112] normalised, (start, end) windows -> per window [end - start, 512], equal to
+        `forward(x[None, start:end])[0]` to float tolerance, with the per-frame work shared: the front end
+        runs once over the whole sequence; only frames that a window's edge inside the sequence cuts off
+        from their neighbours (within REACH of it: they see zeros there) are computed again, each distinct
+        one once. `batch`: frames per ResNet forward (None: all at once)."""
+        n = len(x)
+        cut = [self._cut_frames(start, end, n) for start, end in windows]
+        rows = {seen: n + row for row, seen in enumerate(dict.fromkeys(seen for frames in cut for seen in frames))}
+        stems = self.frontend3D(x[None, None])[0].transpose(0, 1)  # [T, 64, 28, 28], the whole sequence
+        if rows:
+            clips = x.new_zeros(len(rows), 2 * self.REACH + 1, *x.shape[1:])
+            for (t, lo, hi), row in rows.items():
+                clips[row - n, lo - t + self.REACH : hi - t + self.REACH] = x[lo:hi]
+            stems = torch.cat([stems, self._centre_stems(clips)])
+        batch = batch or len(stems)
+        features = torch.cat([self.resnet(stems[i : i + batch]) for i in range(0, len(stems), batch)]).flatten(1)
+        out = []
+        for (start, end), frames in zip(windows, cut):
+            window = features[start:end].clone()
+            for seen in frames:
+                window[seen[0] - start] = features[rows[seen]]
+            out.append(window)
+        return out
+
+    def _centre_stems(self, clips: torch.Tensor) -> torch.Tensor:
+        """[K, 5, 112, 112] neighbourhoods (frames t-2..t+2 as a window shows them, zeros beyond its edges)
+        -> frontend3D's output for frame t, [K, 64, 28, 28]: the 3D conv without temporal padding."""
+        conv = self.frontend3D[0]
+        x = F.conv3d(clips.unsqueeze(1), conv.weight, stride=conv.stride, padding=(0, *conv.padding[1:]))
+        return self.frontend3D[1:](x)[:, :, 0]
+
+    def _cut_frames(self, start: int, end: int, n: int) -> list[tuple[int, int, int]]:
+        """(frame, first frame it sees, last + 1) for the frames of window [start, end) of a sequence of n
+        frames that see less of it than of the whole sequence."""
+        def sees(t: int, first: int, stop: int) -> tuple[int, int, int]:
+            return t, max(t - self.REACH, first), min(t + self.REACH + 1, stop)
+
+        near_edges = sorted({*range(start, min(start + self.REACH, end)), *range(max(end - self.REACH, start), end)})
+        return [sees(t, start, end) for t in near_edges if sees(t, start, end) != sees(t, 0, n)]
 
 
 class GlobalLayerNorm(nn.Module):
@@ -233,8 +283,11 @@ class TalkNetModel(nn.Module):
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """audio [B, 4T, 13] MFCC, video [B, T, 112, 112] grey uint8-range -> [B, T, 256]."""
-        v = self.visualFrontend((video / 255 - GREY_MEAN) / GREY_STD)  # [B, T, 512]
-        v = self.visualConv1D(self.visualTCN(v.transpose(1, 2))).transpose(1, 2)  # [B, T, 128]
+        return self.forward_from_visual(audio, self.visualFrontend(normalise_grey(video)))
+
+    def forward_from_visual(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """`forward` after the visual front end: audio [B, 4T, 13], its features [B, T, 512] -> [B, T, 256]."""
+        v = self.visualConv1D(self.visualTCN(visual.transpose(1, 2))).transpose(1, 2)  # [B, T, 128]
         a = self.audioEncoder(audio.unsqueeze(1).transpose(2, 3))  # [B, T, 128]
         a, v = self.crossA2V(src=a, tar=v), self.crossV2A(src=v, tar=a)
         joint = torch.cat((a, v), dim=2)
@@ -260,6 +313,15 @@ class TalkNet(nn.Module):
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """Speaking logit per frame, [B, T] (> 0: speaking), as the official demo scores."""
         return self.lossAV.FC(self.model(audio, video))[..., 1]
+
+    def forward_from_visual(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """`forward` from the visual front end's features [B, T, 512] (`window_visual_features`)."""
+        return self.lossAV.FC(self.model.forward_from_visual(audio, visual))[..., 1]
+
+    def window_visual_features(self, video: torch.Tensor, windows: list[tuple[int, int]], batch: int | None = None) -> list[torch.Tensor]:
+        """video [T, 112, 112] grey uint8-range, (start, end) windows -> the front end's features of each
+        window scored on its own, [end - start, 512], the per-frame work shared (`VisualFrontend.window_features`)."""
+        return self.model.visualFrontend.window_features(normalise_grey(video), windows, batch)
 
 
 def load_talknet(path: Path | str) -> TalkNet:

@@ -21,6 +21,16 @@ def test_layout_and_heads():
     assert sizes[0] == (24, 40)  # stride 4
 
 
+def test_channels_last_input_gives_the_same_outputs():
+    """`detect_batch` feeds the CPU channels-last frames (faster): same boxes and scores to float tolerance."""
+    torch.manual_seed(0)
+    model = S3FD().eval()
+    x = torch.randn(2, 3, 96, 160) * 60
+    with torch.no_grad():
+        for plain, channels_last in zip(model(x)[:2], model(x.contiguous(memory_format=torch.channels_last))[:2]):
+            torch.testing.assert_close(channels_last, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_decode_with_zero_offsets_gives_the_anchors():
     anchors = torch.tensor([[0.5, 0.5, 0.2, 0.1]])
     np.testing.assert_allclose(decode(torch.zeros(1, 4), anchors).numpy(), [[0.4, 0.45, 0.6, 0.55]], rtol=1e-6)

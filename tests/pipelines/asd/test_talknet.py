@@ -94,39 +94,69 @@ def test_random_talknet_never_chooses_a_speaker():
         load_config(None, ["preprocess.asd_method=talknet"])
 
 
-def test_batched_scoring_equals_the_demo_evaluate_network_loop():
-    """Batching windows across tracks changes nothing but speed: the demo's loop (TaoRuijie/TalkNet-ASD
-    demoTalkNet.py `evaluate_network`, ~l.236-251: per duration, window by window, batch 1, mean, round 1)."""
+def _demo_evaluate_network(model, audio: np.ndarray, video: np.ndarray) -> np.ndarray:
+    """TaoRuijie/TalkNet-ASD demoTalkNet.py `evaluate_network` ~l.236-251, before its rounding: per
+    duration, window by window, batch 1, `forward` on each window; the mean over durations."""
     import math
 
-    from pipelines.asd.stage import TALKNET_WINDOWS_S, talknet_frame_scores
+    from pipelines.asd.stage import TALKNET_WINDOWS_S
 
-    class WindowSensitive(torch.nn.Module):  # stands in for TalkNet (slow on CPU): a score that depends on the window
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
+    length = len(video) / 25
+    all_scores = []
+    with torch.no_grad():
+        for duration in TALKNET_WINDOWS_S:
+            window = []
+            for i in range(int(math.ceil(length / duration))):
+                a = torch.FloatTensor(audio[i * duration * 100 : (i + 1) * duration * 100])[None]
+                v = torch.FloatTensor(video[i * duration * 25 : (i + 1) * duration * 25])[None]
+                window.extend(model(a, v)[0].numpy())
+            all_scores.append(window)
+    return np.mean(np.array(all_scores), axis=0)
 
-        def forward(self, audio, video):
-            frames = video.mean((2, 3)) + audio.reshape(len(audio), -1, 52).mean(-1)
-            return self.w * (frames - frames.mean(1, keepdim=True)) + torch.arange(video.shape[1]) / 10
 
+@pytest.mark.slow  # the demo's loop: ~15 ms per frame and window length on CPU
+def test_shared_trunk_scoring_equals_the_demo_evaluate_network_loop():
+    """Scoring with the visual front end shared across windows changes nothing but speed: the demo's loop
+    (`_demo_evaluate_network`) on tracks of 1, 2 and 4 frames (shorter than every window), 27 and 53
+    (not a multiple of 25: last windows of 2 and 3 frames, window edges shared by 1 s and 2 s windows)."""
+    from pipelines.asd.stage import talknet_frame_scores
+
+    torch.manual_seed(0)
+    model = TalkNet().eval()
     rng = np.random.default_rng(0)
-    inputs = [(rng.normal(size=(4 * n, 13)).astype(np.float32), rng.integers(0, 255, (n, 112, 112), dtype=np.uint8)) for n in (160, 70)]
-    model = WindowSensitive()
-    batched = talknet_frame_scores(inputs, model, decimals=None)
-    for (audio, video), scores in zip(inputs, batched):
-        length = len(video) / 25
-        all_scores = []
-        with torch.no_grad():
-            for duration in TALKNET_WINDOWS_S:
-                window = []
-                for i in range(int(math.ceil(length / duration))):
-                    a = torch.FloatTensor(audio[i * duration * 100 : (i + 1) * duration * 100])[None]
-                    v = torch.FloatTensor(video[i * duration * 25 : (i + 1) * duration * 25])[None]
-                    window.extend(model(a, v)[0].numpy())
-                all_scores.append(window)
-        np.testing.assert_allclose(scores, np.mean(np.array(all_scores), axis=0), rtol=1e-4, atol=1e-5)
-    assert all(np.array_equal(r, np.round(b, 1)) for r, b in zip(talknet_frame_scores(inputs, model), batched))
+    inputs = [(rng.normal(size=(4 * n, 13)).astype(np.float32), rng.integers(0, 255, (n, 112, 112), dtype=np.uint8)) for n in (1, 2, 4, 27, 53, 0)]
+    shared = talknet_frame_scores(inputs, model, decimals=None)
+    for (audio, video), scores in zip(inputs[:-1], shared):
+        np.testing.assert_allclose(scores, _demo_evaluate_network(model, audio, video), rtol=0, atol=1e-5)
+    assert shared[-1].shape == (0,)
+    assert all(np.array_equal(r, np.round(b, 1)) for r, b in zip(talknet_frame_scores(inputs, model), shared))
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_window_features_equal_the_front_end_on_each_window_alone(batch):
+    """Sharing the front end across windows is exact: a window's features equal `VisualFrontend` run on
+    the window alone (zeros beyond its edges), for windows at the sequence's edges, inside it, of 1-4
+    frames, whatever the frames per ResNet forward."""
+    from pipelines.asd.talknet import VisualFrontend
+
+    torch.manual_seed(0)
+    frontend = VisualFrontend().eval()
+    x = torch.randn(9, 112, 112)
+    windows = [(0, 9), (0, 3), (3, 9), (2, 3), (3, 4), (4, 8), (8, 9), (1, 5), (0, 1), (3, 5), (5, 9)]
+    with torch.no_grad():
+        shared = frontend.window_features(x, windows, batch)
+        for (start, end), features in zip(windows, shared):
+            torch.testing.assert_close(features, frontend(x[None, start:end])[0], rtol=0, atol=1e-5)
+
+
+def test_split_forward_equals_forward():
+    """`forward_from_visual` on the shared front end's features is `forward` (the stage scores that way)."""
+    torch.manual_seed(0)
+    model = TalkNet().eval()
+    audio, video = torch.randn(1, 4 * 7, 13), torch.rand(1, 7, 112, 112) * 255
+    with torch.no_grad():
+        visual = model.window_visual_features(video[0], [(0, 7)])[0]
+        torch.testing.assert_close(model.forward_from_visual(audio, visual[None]), model(audio, video), rtol=0, atol=1e-5)
 
 
 def test_window_set_is_the_demo_durationset_as_a_python_set():
