@@ -39,8 +39,9 @@ from rich.table import Table
 
 from infra.config import SynthConfig
 from pipelines.asd.stage import (
-    ASD_FPS, TALKNET_WINDOWS_S, choose_speaker, clip_tracks, detect_faces, haar_faces, iter_full_frames, read_clip_frames,
-    s3fd_faces, s3fd_frames_per_forward, sync_scores, talknet_faces, talknet_frame_scores, talknet_track_inputs, track_looks, tracks_from,
+    ASD_FPS, TALKNET_WINDOWS_S, detect_faces, haar_faces, iter_full_frames, read_clip_frames, s3fd_faces,
+    s3fd_frames_per_forward, start_speaker, talknet_faces, talknet_frame_scores, talknet_track_inputs, track_speaker,
+    tracks_from,
 )  # fmt: skip
 from pipelines.decode import SpeakerSettings, crop_speaker, decode_media, read_audio_16k
 from pipelines.synth import generate, read_ground_truth
@@ -73,13 +74,10 @@ def accuracy(root: Path, truths: list[dict]) -> tuple[Table, dict]:
     crossing = 0
     for t in truths:
         path = str(root / t["clip"])
-        clip = read_clip_frames(path)
-        audio = read_audio_16k(path)
-        tracks = clip_tracks(clip, faithful=False)
-        crossing += _crossing(tracks, t)
-        scores = sync_scores(clip.small, tracks, audio) if tracks and audio is not None and np.any(audio) else None
-        looks = track_looks(clip.small, tracks) if clip.cuts else None
-        result = choose_speaker(tracks, scores, clip.scale, cuts=clip.cuts, looks=looks)
+        work = start_speaker(path, read_audio_16k(path), keep_small=True)  # the stage's own steps, fast mode
+        track_speaker(work)
+        clip, result = work.clip, work.result
+        crossing += _crossing(work.tracks, t)
         kind = (len(t["faces"]), bool(t.get("cuts")))
         results["sync"].append((kind, bool(result.face_visible), all(_hit(result.box_at(m / ASD_FPS), t, m, 1.0) for m in _shot_middles(t))))
         centre = len(clip.small) // 2

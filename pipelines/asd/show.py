@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.asd.stage import ASD_FPS, SpeakerResult, choose_speaker, face_tracks, read_clip_frames, sync_scores
+from pipelines.asd.stage import ASD_FPS, SpeakerResult, start_speaker, track_speaker
 from pipelines.decode import read_audio_16k
 
 _COLOURS = [(255, 170, 0), (0, 170, 255), (255, 0, 170), (170, 255, 0), (0, 255, 255)]  # RGB, one per track
@@ -15,12 +15,9 @@ _COLOURS = [(255, 170, 0), (0, 170, 255), (255, 0, 170), (170, 255, 0), (0, 255,
 
 def contact_sheet(clip: Path | str, out_png: Path | str, tiles: int = 8, columns: int = 4, detect_every: int = 5) -> SpeakerResult:
     """Render `tiles` frames of `clip` with all tracks (thin) and the chosen speaker (thick, green)."""
-    frames_in = read_clip_frames(str(clip))
-    frames, scale = frames_in.small, frames_in.scale
-    audio = read_audio_16k(clip)
-    tracks = face_tracks(frames, detect_every, cuts=frames_in.cuts)
-    scores = sync_scores(frames, tracks, audio) if tracks and audio is not None and np.any(audio) else None
-    result = choose_speaker(tracks, scores, scale)
+    work = start_speaker(str(clip), read_audio_16k(clip), detect_every=detect_every, keep_small=True)
+    track_speaker(work)  # the job's steps: faces, tracks within shots, `sync` scores, the speaker
+    frames, tracks, scores, result = work.clip.small, work.tracks, work.scores, work.result
     picks = np.linspace(0, len(frames) - 1, min(tiles, len(frames))).round().astype(int)
     sheet = []
     for index in picks:

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.asd.shots import ShotCuts, shot_cuts
 from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
-from pipelines.asd.tracking import Track, build_tracks
+from pipelines.asd.tracking import Track, build_tracks, iou
 from pipelines.media import rms_per_frame
 
 ASD_FPS = 25.0
@@ -198,29 +198,37 @@ def tracks_from(detections: list[np.ndarray], faithful: bool, cuts: list[int] | 
     return build_tracks(detections, min_length=min(MIN_TRACK, len(detections)), cuts=cuts)
 
 
-def face_tracks(frames: np.ndarray, detect_every: int = 5, s3fd=None, cuts: list[int] | tuple = ()) -> list[Track]:
-    """`fast` mode on small frames alone (Haar, or a loaded S3FD): tracks within the shots `cuts` gives."""
-    return clip_tracks(ClipFrames(frames, 1.0, list(cuts)), False, detect_every, s3fd)
-
-
-def clip_tracks(clip: ClipFrames, faithful: bool, detect_every: int = 5, s3fd=None) -> list[Track]:
-    """Face tracks of a clip, in small-frame pixels, within its shots (faces by Haar, or a loaded S3FD)."""
-    frames, chosen, to_small = detection_frames(clip, faithful, detect_every, s3fd is not None)
-    found = s3fd_faces(s3fd, [frames])[0] if s3fd is not None else haar_faces(frames)
-    return tracks_from(place_detections(len(clip.small), chosen, found, to_small), faithful, clip.cuts)
+def face_look(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """A face's appearance in one frame: the mean colour of the middle of its box (eyes, nose, skin)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    patch = frame[int(max(0, y0 + h / 4)) : int(max(1, y1 - h / 4)), int(max(0, x0 + w / 4)) : int(max(1, x1 - w / 4))]
+    return patch.reshape(-1, 3).mean(axis=0) if patch.size else np.zeros(3)
 
 
 def track_looks(frames: np.ndarray, tracks: list[Track]) -> list[np.ndarray]:
-    """A face's appearance per track: the mean colour of the middle of its box over the track."""
-    looks = []
-    for track in tracks:
-        colours = []
-        for f, (x0, y0, x1, y1) in zip(track.frames[:: max(1, len(track) // 8)], track.boxes[:: max(1, len(track) // 8)]):
-            w, h = x1 - x0, y1 - y0
-            patch = frames[f, int(max(0, y0 + h / 4)) : int(max(1, y1 - h / 4)), int(max(0, x0 + w / 4)) : int(max(1, x1 - w / 4))]
-            colours.append(patch.reshape(-1, 3).mean(axis=0) if patch.size else np.zeros(3))
-        looks.append(np.mean(colours, axis=0))
-    return looks
+    """A face's appearance per track: its look (`face_look`) averaged over the track."""
+    step = lambda t: max(1, len(t) // 8)  # noqa: E731
+    return [np.mean([face_look(frames[f], b) for f, b in zip(t.frames[:: step(t)], t.boxes[:: step(t)])], axis=0) for t in tracks]
+
+
+LOOK_JUMP = 40.0  # sum over RGB of the change in a face's look that means another person
+
+
+def look_cuts(frames: np.ndarray, detections: list[np.ndarray], cuts: list[int]) -> list[int]:
+    """`cuts` plus the cuts a content detector misses and the faces show: between two looked-at frames,
+    every face found at the same place in both looks like another person (a reverse shot over a similar
+    backdrop: the two people swapped sides). The cut goes where consecutive frames differ most."""
+    looked = [i for i, boxes in enumerate(detections) if len(boxes)]
+    found = list(cuts)
+    for a, b in zip(looked, looked[1:]):
+        if any(a < c <= b for c in found):
+            continue
+        same_place = [(x, y) for x in detections[a] for y in detections[b] if iou(x, y) > 0.5]
+        if same_place and all(np.abs(face_look(frames[a], x) - face_look(frames[b], y)).sum() > LOOK_JUMP for x, y in same_place):
+            change = [np.abs(frames[f].astype(np.int16) - frames[f - 1]).mean() for f in range(a + 1, b + 1)]
+            found.append(a + 1 + int(np.argmax(change)))
+    return sorted(found)
 
 
 def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) -> list[float]:
@@ -361,6 +369,7 @@ class SpeakerWork:
     keep_small: bool = False  # keep the small frames to the end (for saving the speaker's face track)
     detections: list[np.ndarray] | None = None  # per 25-fps frame, small-frame pixels
     tracks: list[Track] | None = None
+    scores: list[float] | None = None  # per track, once scored
     talknet_inputs: list[tuple[np.ndarray, np.ndarray]] | None = None  # per track: (MFCC, faces)
     result: SpeakerResult | None = None
 
@@ -398,6 +407,8 @@ def track_speaker(work: SpeakerWork, talknet: bool = False) -> None:
     if work.detections is None:
         frames, chosen, _ = detection_frames(clip, work.faithful, work.detect_every, s3fd=False)
         work.detections = place_detections(len(clip.small), chosen, haar_faces(frames), 1.0)
+    if not work.faithful:  # merg's own addition; faithful mode cuts shots as the demo does
+        clip.cuts = look_cuts(clip.small, work.detections, clip.cuts)
     tracks = work.tracks = tracks_from(work.detections, work.faithful, clip.cuts)
     work.detections = None
     audio = work.audio_16k
@@ -410,7 +421,8 @@ def track_speaker(work: SpeakerWork, talknet: bool = False) -> None:
         work.talknet_inputs = [talknet_track_inputs(f, audio, t.frames[0]) for f, t in zip(faces, tracks)]
     else:
         looks = track_looks(clip.small, tracks) if clip.cuts else None
-        work.result = choose_speaker(tracks, sync_scores(clip.small, tracks, audio), clip.scale, work.threshold, cuts=clip.cuts, looks=looks)
+        work.scores = sync_scores(clip.small, tracks, audio)
+        work.result = choose_speaker(tracks, work.scores, clip.scale, work.threshold, cuts=clip.cuts, looks=looks)
     if not work.keep_small:
         clip.small = clip.small[:0]  # later steps need the tracks, not the frames
 
@@ -422,8 +434,8 @@ def score_with_talknet(works: list[SpeakerWork], model) -> None:
     inputs = [pair for w in pending for pair in w.talknet_inputs]
     frame_scores = iter(talknet_frame_scores(inputs, model))
     for work in pending:
-        scores = [float(s.mean()) if s.size else float("-inf") for s in (next(frame_scores) for _ in work.talknet_inputs)]
-        work.result = choose_speaker(work.tracks, scores, work.clip.scale, TALKNET_THRESHOLD, "talknet", work.clip.cuts)
+        work.scores = [float(s.mean()) if s.size else float("-inf") for s in (next(frame_scores) for _ in work.talknet_inputs)]
+        work.result = choose_speaker(work.tracks, work.scores, work.clip.scale, TALKNET_THRESHOLD, "talknet", work.clip.cuts)
         work.talknet_inputs = None
 
 

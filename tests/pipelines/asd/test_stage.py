@@ -65,3 +65,36 @@ def test_s3fd_frames_of_several_clips_and_sizes_equal_frame_by_frame():
         assert len(found) == len(frames)
         for frame, boxes in zip(frames, found):
             np.testing.assert_allclose(boxes, detect(model, frame, scale=1.0), atol=1e-3)
+
+
+def _two_faces(n: int, swap_at: int | None, swap_both: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    frames = np.full((n, 120, 240, 3), 110, np.uint8)
+    left, right = (90, 60, 40), (225, 190, 160)  # a darker and a lighter face
+    boxes = np.array([[20.0, 20.0, 100.0, 100.0], [140.0, 20.0, 220.0, 100.0]])
+    for i in range(n):
+        swapped = swap_at is not None and i >= swap_at
+        frames[i, 20:100, 20:100] = right if swapped else left
+        frames[i, 20:100, 140:220] = left if swapped and swap_both else right
+    detections = [boxes.copy() if i % 5 == 0 or i == n - 1 else np.zeros((0, 4)) for i in range(n)]
+    return frames, detections
+
+
+def test_a_reverse_shot_over_a_similar_backdrop_is_cut_where_the_faces_change():
+    """Two people swap sides at frame 17 and the backdrop barely changes (a content detector sees no cut):
+    every face at the same place looks like another person, so the shot is cut there and tracks stop."""
+    from pipelines.asd.stage import look_cuts, tracks_from
+
+    frames, detections = _two_faces(30, swap_at=17)
+    assert look_cuts(frames, detections, []) == [17]
+    assert look_cuts(frames, detections, [16]) == [16]  # a cut already found in that gap is kept as it is
+    assert all(t.frames[-1] < 17 or t.frames[0] >= 17 for t in tracks_from(detections, False, [17]))
+    still, detections = _two_faces(30, swap_at=None)
+    assert look_cuts(still, detections, []) == []
+
+
+def test_one_face_changing_alone_is_no_cut():
+    """Only one of the faces changes (someone turns, a hand covers a face): no cut."""
+    from pipelines.asd.stage import look_cuts
+
+    frames, detections = _two_faces(30, swap_at=17, swap_both=False)
+    assert look_cuts(frames, detections, []) == []
