@@ -32,8 +32,8 @@ from featurestore import Store
 from infra.config import MergConfig, PreprocessConfig
 from infra.progress import progress_bar
 from pipelines.decode import (
-    DECODE_BASE_MEMORY, DecodedClip, SpeakerSettings, s3fd_model, talknet_model, crop_speaker, decode_media, decode_memory,
-    detect_faces_step, score_step, track_step,
+    DECODE_BASE_MEMORY, DecodedClip, SpeakerSettings, crop_speaker, decode_media, decode_memory, detect_faces_step,
+    s3fd_model, score_step, talknet_model, track_step,
 )  # fmt: skip
 from pipelines.fusion import fuse, fused_width
 from pipelines.imagebind import (
