@@ -4,8 +4,8 @@
     (TalkNet actors) -> crops (CPU) -> ImageBind (actors) -> fuse -> write
 
 Model stages are actor pools on GPUs (`num_gpus`) or, without one, CPU actors; the S3FD and TalkNet
-stages exist only when their checkpoints are given (otherwise faces are Haar's and `sync` scores, in the
-CPU tracks stage).
+stages exist only when their checkpoints are given (otherwise faces are Haar's and `sync` scores, and
+the decode tasks find the tracks themselves).
 
 Every CSV utterance ends up as one store row; a clip that is missing or bad gets its row with null
 embeddings and a `failures` record saying why. Rows are committed in batches as results stream in,
@@ -71,8 +71,10 @@ class PreprocessReport:
 # Between the decode and crop stages a row is {"key", "clip": DecodedClip} (the clip's speaker work rides
 # along, pickled); the crop stage turns it into fixed-shape arrays for the encoder.
 def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
-    """CPU stage: probe, audio, the speaker stage's frames and shot cuts."""
-    return {"key": row["key"], "clip": decode_media(row["key"], row["path"] or None, speaker)}
+    """CPU stage: probe, audio, the speaker stage's frames and shot cuts; without an S3FD stage to wait
+    for, the tracks too (so the clip's frames never leave the task)."""
+    clip = decode_media(row["key"], row["path"] or None, speaker)
+    return {"key": row["key"], "clip": clip if _has_s3fd_stage(speaker) else track_step(clip, speaker.method == "talknet")}
 
 
 class S3FDStage:
@@ -263,10 +265,11 @@ def _clip_sha256(path: Path) -> str | None:
         return None
 
 
-def decode_memory_request(path: str) -> int:
-    """Memory for decoding the clip at `path`, from its size (a clip that cannot be read fails fast)."""
+def decode_memory_request(path: str, frames_out: bool = False) -> int:
+    """Memory for decoding the clip at `path`, from its size (a clip that cannot be read fails fast);
+    `frames_out`: the task hands the clip's frames on (to an S3FD stage)."""
     geometry = clip_geometry(path)
-    return decode_memory(*geometry) if geometry else DECODE_BASE_MEMORY
+    return decode_memory(*geometry, frames_out=frames_out) if geometry else DECODE_BASE_MEMORY
 
 
 def _decoded(items: list[dict], pc: PreprocessConfig):
@@ -277,13 +280,15 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
     # a request above every node's memory would never be scheduled: cap it at the largest node's
     cap = int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)) or None
     with ThreadPoolExecutor(8) as pool:  # header reads only
-        requests = list(pool.map(decode_memory_request, (item["path"] for item in items)))
+        frames_out = _has_s3fd_stage(speaker_settings(pc))
+        requests = list(pool.map(lambda item: decode_memory_request(item["path"], frames_out), items))
     groups: dict[int, list[dict]] = {}
     for item, memory in zip(items, requests):
         groups.setdefault(min(memory, cap) if cap else memory, []).append(item)
     parts = [
-        # about one encoder batch per block: decoded frame stacks are large, so blocks stay small
-        ray.data.from_items(group, override_num_blocks=max(1, -(-len(group) // pc.batch_size)))
+        # one clip per decode task: its memory request is that clip's, and a task holds one clip's
+        # 25-fps frames (its output to the tracks stage), not a block's worth
+        ray.data.from_items(group, override_num_blocks=len(group))
         # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
         .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, memory=memory,
@@ -294,15 +299,19 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _has_s3fd_stage(speaker: SpeakerSettings) -> bool:
+    return speaker.method != "none" and speaker.s3fd_checkpoint is not None
+
+
 def _speaker_crops(decoded, pc: PreprocessConfig):
     """decoded clips -> faces (S3FD actors) -> tracks (CPU) -> scores (TalkNet actors) -> crops (CPU)."""
     speaker = speaker_settings(pc)
     # like the encoder's, speaker actors take no CPU slot: on a CPU machine they share it with decode
     actors = dict(concurrency=pc.asd_actors, num_gpus=pc.asd_gpus, num_cpus=0, batch_size=pc.asd_batch_clips, batch_format="numpy")
     ds = decoded
-    if speaker.method != "none" and speaker.s3fd_checkpoint:
+    if _has_s3fd_stage(speaker):  # (otherwise the decode tasks tracked Haar's faces)
         ds = ds.map_batches(S3FDStage, fn_constructor_kwargs={"checkpoint": speaker.s3fd_checkpoint}, **actors)
-    ds = ds.map(track_row, fn_kwargs={"talknet": speaker.method == "talknet"})
+        ds = ds.map(track_row, fn_kwargs={"talknet": speaker.method == "talknet"})
     if speaker.method == "talknet":
         ds = ds.map_batches(TalkNetStage, fn_constructor_kwargs={"checkpoint": speaker.talknet_checkpoint}, **actors)
     return ds.map(crop_row, fn_kwargs={"speaker": speaker})

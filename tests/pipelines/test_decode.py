@@ -108,3 +108,12 @@ def test_a_clip_that_fails_a_model_batch_is_retried_alone_and_only_it_fails(monk
     assert [c.speaker.result if c.speaker else None for c in clips] == ["scored", None, "scored"]
     assert clips[1].failure[:2] == ("speaker", "speaker_scoring_error") and "illegal memory" in clips[1].failure[2]
     assert clips[0].failure is None and clips[2].failure is None
+
+
+def test_a_decode_task_that_hands_its_frames_on_requests_more_memory():
+    """With an S3FD stage after it a decode task's output is the clip's frames (serialised): its request
+    grows with them; without one it keeps only the tracks and requests what decoding alone needs."""
+    from pipelines.decode import decode_memory
+
+    assert decode_memory(1920, 1080, 20, 25) == 4.5 * 1024**3
+    assert decode_memory(1920, 1080, 20, 25, frames_out=True) > decode_memory(1920, 1080, 20, 25)

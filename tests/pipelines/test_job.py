@@ -212,7 +212,7 @@ def test_speaker_models_run_as_actor_stages_only_when_given(ray_session, tmp_pat
 
     items = ray.data.from_items([{"key": "dev/dia0_utt0", "path": "clip.mp4"}])
     plain = load_config(None, []).preprocess
-    assert _stage_names(_speaker_crops(items, plain)) == ["FromItems", "Map(track_row)", "Map(crop_row)"]
+    assert _stage_names(_speaker_crops(items, plain)) == ["FromItems", "Map(crop_row)"]  # decode tracks Haar's faces
     models = load_config(None, [
         "preprocess.asd_method=talknet", f"preprocess.talknet_checkpoint={tmp_path}/t.model",
         f"preprocess.s3fd_checkpoint={tmp_path}/s.pth", "preprocess.asd_gpus=0.5", "preprocess.asd_actors=2",
