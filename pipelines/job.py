@@ -286,8 +286,8 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
     for item, memory in zip(items, requests):
         groups.setdefault(min(memory, cap) if cap else memory, []).append(item)
     parts = [
-        # one clip per decode task: its memory request is that clip's, and a task holds one clip's
-        # 25-fps frames (its output to the tracks stage), not a block's worth
+        # one clip per decode task: its memory request is that clip's, and a task that hands its 25-fps
+        # frames on (to an S3FD stage) holds one clip's worth, not a block's
         ray.data.from_items(group, override_num_blocks=len(group))
         # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
