@@ -114,37 +114,37 @@ class DecodedClip:
             self.failure = (stage, reason, exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}")
 
 
-def read_audio_16k(path: Path | str) -> np.ndarray | None:
-    """The first audio stream as 16 kHz mono float32, or None if the clip has none."""
+def read_audio(path: Path | str, channels: bool = True) -> tuple[np.ndarray, tuple[np.ndarray, int] | None] | None:
+    """The first audio stream, decoded once: (16 kHz mono float32, the speaker stage hears FFmpeg's mono
+    downmix as TalkNet's demo does; with `channels`, every channel at the file's own rate, (float32
+    [C, N], rate), as ImageBind's loader reads it: `torchaudio.load`, FFmpeg's decoder, no downmix).
+    None if the clip has no audio."""
+    from itertools import chain
+
     import av  # on use: importing the job (e.g. its encoder stage alone) needs no PyAV
 
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks = []
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):  # flush
-            chunks.append(out.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-
-
-def read_audio_channels(path: Path | str) -> tuple[np.ndarray, int] | None:
-    """The first audio stream, every channel at the file's own rate: (float32 [C, N], rate), as
-    ImageBind's loader reads it (`torchaudio.load`: FFmpeg's decoder, no downmix); None without audio."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            return None
         stream = container.streams.audio[0]
-        planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
-        chunks = [out.to_ndarray() for frame in container.decode(audio=0) for out in planar.resample(frame)]
-        chunks += [out.to_ndarray() for out in planar.resample(None)]
-        rate, channels = stream.rate, len(stream.layout.channels)
-    return (np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)), rate
+        mono = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate) if channels else None
+        mono_chunks, planar_chunks = [], []
+        for frame in chain(container.decode(audio=0), [None]):  # None flushes both resamplers
+            mono_chunks += [out.to_ndarray().reshape(-1) for out in mono.resample(frame)]
+            if planar is not None:
+                planar_chunks += [out.to_ndarray() for out in planar.resample(frame)]
+        rate, n_channels = stream.rate, len(stream.layout.channels)
+    waveform = np.concatenate(mono_chunks).astype(np.float32) if mono_chunks else np.zeros(0, np.float32)
+    if planar is None:
+        return waveform, None
+    return waveform, ((np.concatenate(planar_chunks, axis=1) if planar_chunks else np.zeros((n_channels, 0), np.float32)), rate)
+
+
+def read_audio_16k(path: Path | str) -> np.ndarray | None:
+    """The first audio stream as 16 kHz mono float32 (FFmpeg's downmix), or None if the clip has none."""
+    audio = read_audio(path, channels=False)
+    return audio[0] if audio is not None else None
 
 
 def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:
@@ -164,10 +164,11 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
     waveform = None
     try:
         if probe.has_audio:
-            waveform = read_audio_16k(path)
+            audio = read_audio(path)
+            waveform = audio[0] if audio is not None else None
             if waveform is not None and waveform.size >= SAMPLE_RATE * 0.025:  # one 25 ms fbank window
                 # TalkNet and `sync` hear FFmpeg's mono downmix (as the TalkNet demo); ImageBind channel 0
-                out.audio = audio_features(resample_channels(*read_audio_channels(path)))
+                out.audio = audio_features(resample_channels(*audio[1]))
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
         out.fail("decode", "audio_decode_error", exc)
     if speaker.method in ("sync", "talknet"):

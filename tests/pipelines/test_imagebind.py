@@ -147,7 +147,7 @@ def test_audio_is_channel_0_of_a_stereo_file_as_imagebind_loads_it(tmp_path):
     import torchaudio.compliance.kaldi as kaldi
     import torchaudio.functional
 
-    from pipelines.decode import read_audio_16k, read_audio_channels
+    from pipelines.decode import read_audio
     from pipelines.imagebind import resample_channels
 
     t = np.arange(48_000 * 2) / 48_000
@@ -159,7 +159,7 @@ def test_audio_is_channel_0_of_a_stereo_file_as_imagebind_loads_it(tmp_path):
         frame.sample_rate = 48_000
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    channels, rate = read_audio_channels(path)
+    downmix_16k, (channels, rate) = read_audio(path)
     assert channels.shape == (2, 96_000) and rate == 48_000
     np.testing.assert_allclose(channels[0], left, atol=1e-4)
     features = audio_features(resample_channels(channels, rate))
@@ -169,7 +169,7 @@ def test_audio_is_channel_0_of_a_stereo_file_as_imagebind_loads_it(tmp_path):
     fbank = kaldi.fbank(wave, htk_compat=True, sample_frequency=16_000, use_energy=False, window_type="hanning",
                         num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10)  # fmt: skip
     np.testing.assert_allclose(features[0, 0, :, :198], (fbank.T.numpy() - AUDIO_MEAN) / AUDIO_STD, rtol=1e-5, atol=1e-5)
-    downmix = audio_features(read_audio_16k(path))
+    downmix = audio_features(downmix_16k)
     assert np.abs(downmix - features).max() > 0.5  # the downmix is not what ImageBind was trained on
 
 
