@@ -265,11 +265,12 @@ def _clip_sha256(path: Path) -> str | None:
         return None
 
 
-def decode_memory_request(path: str, frames_out: bool = False) -> int:
+def decode_memory_request(path: str, frames_out: bool = False, s3fd_input: bool = False) -> int:
     """Memory for decoding the clip at `path`, from its size (a clip that cannot be read fails fast);
-    `frames_out`: the task hands the clip's frames on (to an S3FD stage)."""
+    `frames_out`: the task hands the clip's frames on (to an S3FD stage), `s3fd_input` with them
+    S3FD's faithful input."""
     geometry = clip_geometry(path)
-    return decode_memory(*geometry, frames_out=frames_out) if geometry else DECODE_BASE_MEMORY
+    return decode_memory(*geometry, frames_out=frames_out, s3fd_input=s3fd_input) if geometry else DECODE_BASE_MEMORY
 
 
 def _decoded(items: list[dict], pc: PreprocessConfig):
@@ -279,9 +280,11 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
 
     # a request above every node's memory would never be scheduled: cap it at the largest node's
     cap = int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)) or None
+    speaker = speaker_settings(pc)
+    frames_out = _has_s3fd_stage(speaker)
+    s3fd_input = frames_out and speaker.is_faithful
     with ThreadPoolExecutor(8) as pool:  # header reads only
-        frames_out = _has_s3fd_stage(speaker_settings(pc))
-        requests = list(pool.map(lambda item: decode_memory_request(item["path"], frames_out), items))
+        requests = list(pool.map(lambda item: decode_memory_request(item["path"], frames_out, s3fd_input), items))
     groups: dict[int, list[dict]] = {}
     for item, memory in zip(items, requests):
         groups.setdefault(min(memory, cap) if cap else memory, []).append(item)

@@ -117,3 +117,5 @@ def test_a_decode_task_that_hands_its_frames_on_requests_more_memory():
 
     assert decode_memory(1920, 1080, 20, 25) == 4.5 * 1024**3
     assert decode_memory(1920, 1080, 20, 25, frames_out=True) > decode_memory(1920, 1080, 20, 25)
+    # faithful mode also hands on S3FD's 0.25-scale input; fast mode's is made in the S3FD actor
+    assert decode_memory(1920, 1080, 20, 25, True, s3fd_input=True) > decode_memory(1920, 1080, 20, 25, True)
