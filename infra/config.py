@@ -106,7 +106,7 @@ class PreprocessConfig(_Section):
     asd_gpus: float = Field(0.0, ge=0, description="GPUs per S3FD / TalkNet actor; 0 = CPU actors")
     asd_actors: int = Field(1, ge=1, description="actors per speaker model (S3FD, TalkNet) in the pool")
     asd_batch_clips: int = Field(4, ge=1, description="clips per S3FD / TalkNet actor call (frames and windows batched across them)")
-    asd_threshold: float = Field(0.3, description="sync score below which no speaker is visible")
+    asd_threshold: float = Field(0.5, description="sync score below which no speaker is visible (pipelines.asd.sync)")
     detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps), fast mode")
     asd_faithful: bool | None = Field(
         None, description="the TalkNet demo's way (every frame, S3FD at 0.25 of full frames); default: on with a checkpoint"

@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 
 from pipelines.asd.shots import ShotCuts, shot_cuts
-from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
+from pipelines.asd.sync import DEFAULT_THRESHOLD, track_sync_score
 from pipelines.asd.tracking import Track, build_tracks, iou
 from pipelines.media import rms_per_frame
 
 ASD_FPS = 25.0
-SCORE_SHORT_SIDE = 360  # frames for tracking and mouth motion
+SCORE_SHORT_SIDE = 360  # frames for tracking and the mouth crops of `sync`
 DETECT_SHORT_SIDE = 240  # faces are found on a further downscaled copy: Haar's cost grows with pixels
 MIN_TRACK = 10  # the demo's --minTrack: shorter shots are skipped; faithful tracks need more detections
 S3FD_BATCH = 16  # frames per S3FD forward on a GPU
@@ -234,7 +234,7 @@ def look_cuts(frames: np.ndarray, detections: list[np.ndarray], cuts: list[int])
 def sync_scores(frames: np.ndarray, tracks: list[Track], audio_16k: np.ndarray) -> list[float]:
     """The `sync` score of every track against the clip's speech."""
     envelope = rms_per_frame(audio_16k, 16_000, ASD_FPS, len(frames))
-    return [sync_score(mouth_motion(frames[t.frames], t.boxes), envelope[t.frames]) for t in tracks]
+    return [track_sync_score(frames[t.frames], t.boxes, envelope[t.frames]) for t in tracks]
 
 
 # the demo's `durationSet = {1,1,1,2,2,2,3,3,4,5,6}` is a Python set: windows of 1..6 s, each once

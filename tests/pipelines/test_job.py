@@ -10,6 +10,7 @@ import pytest
 
 from featurestore import Store
 from infra.config import load_config
+from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.job import run_preprocess
 from pipelines.synth import read_ground_truth
 from pipelines.synth.faults import EXPECTED
@@ -44,7 +45,7 @@ def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ra
     assert row["encoder_checkpoint"] == "random-init:0" and row["fusion"] == "mean_l2"
     visible = store.query(face_visible=True, columns=["key", "asd_method", "asd_score", "speaker_box"]).to_pylist()
     assert len(visible) >= 0.8 * sum(EXPECTED.get(t["fault"]) in (None, "text_repaired") for t in truth.values())
-    assert all(v["asd_method"] == "sync" and v["asd_score"] >= 0.3 and v["speaker_box"] for v in visible)
+    assert all(v["asd_method"] == "sync" and v["asd_score"] >= DEFAULT_THRESHOLD and v["speaker_box"] for v in visible)
     assert len(row["fused_emb"]) == store.fused_dim == 128
 
     again = run_preprocess(_config(mini_meld, tmp_path / "store"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import decord
 import numpy as np
 
-from pipelines.asd.sync import DEFAULT_THRESHOLD, mouth_motion, sync_score
+from pipelines.asd.sync import DEFAULT_THRESHOLD, detrend, mouth_crops, mouth_opening, sync_score, track_sync_score
 from pipelines.decode import read_audio_16k
 from pipelines.media import rms_per_frame
 from pipelines.synth import read_ground_truth
@@ -19,6 +19,45 @@ def test_scores_are_zero_for_a_still_mouth_or_silence():
     assert sync_score(shifted, envelope, max_lag=2) > 0.9  # lips may lag the sound
 
 
+def _speech_envelope(n: int = 75, fps: float = 25.0) -> np.ndarray:
+    """Silence, 2 s of syllables (4.5 a second), silence: the shape of a clip's loudness."""
+    t = np.arange(n) / fps
+    return np.where((t > 0.5) & (t < 2.5), 0.55 + 0.45 * np.sin(2 * np.pi * 4.5 * t), 0.0).astype(np.float32)
+
+
+def test_opening_is_the_distance_from_the_mouth_at_rest():
+    """The rest look is the median crop of the quietest quarter of the frames; a crop's opening is
+    its mean absolute difference from it."""
+    envelope = _speech_envelope()
+    crops = np.full((len(envelope), 16, 32), 120.0, np.float32)
+    crops[:, 8:12, 8:24] -= 100 * envelope[:, None, None]  # a dark opening as wide as the speech is loud
+    opening = mouth_opening(crops, envelope)
+    np.testing.assert_allclose(opening, 100 * envelope * (4 * 16) / (16 * 32), rtol=1e-5)
+    assert sync_score(opening, envelope) > 0.99
+
+
+def test_a_drifting_head_with_a_still_mouth_does_not_follow_the_speech():
+    """A listener whose head moves while the speech starts and stops: its mouth crop changes with the
+    speech's on and off, not with its syllables. Detrending keeps the score under the threshold; the
+    raw correlation would pass it."""
+    envelope = _speech_envelope()
+    frames = np.zeros((len(envelope), 120, 160, 3), np.uint8)
+    drift = np.where(envelope > 0, 6, 0)  # the head sits 6 px lower while the other one speaks
+    for i, dy in enumerate(drift):
+        frames[i, 40 + dy : 100 + dy, 50:110] = 200  # face
+        frames[i, 85 + dy : 88 + dy, 70:90] = 60  # a closed mouth
+    boxes = np.tile([50.0, 40.0, 110.0, 100.0], (len(frames), 1))  # a box that lags the drift
+    opening = mouth_opening(mouth_crops(frames, boxes), envelope)
+    assert np.corrcoef(opening, envelope)[0, 1] > 0.5
+    assert track_sync_score(frames, boxes, envelope) < DEFAULT_THRESHOLD
+
+
+def test_detrend_removes_the_moving_mean():
+    assert np.allclose(detrend(np.full(20, 3.0)), 0.0)
+    ramp = np.arange(30, dtype=float)
+    assert np.allclose(detrend(ramp)[5:-5], 0.0)  # a straight line is its own moving mean
+
+
 def test_sync_picks_the_speaking_face_on_generated_clips(mini_meld):
     """With the sidecar's face boxes, `sync` must find the speaker of every two-face clip."""
     truths = [t for t in read_ground_truth(mini_meld).values() if t["fault"] is None and len(t["faces"]) == 2]
@@ -29,7 +68,7 @@ def test_sync_picks_the_speaking_face_on_generated_clips(mini_meld):
         reader = decord.VideoReader(path)
         frames = reader.get_batch(list(range(len(reader)))).asnumpy()
         envelope = rms_per_frame(read_audio_16k(path), 16_000, reader.get_avg_fps(), len(frames))
-        scores = [sync_score(mouth_motion(frames, np.array(face["boxes"][: len(frames)])), envelope) for face in t["faces"]]
+        scores = [track_sync_score(frames, np.array(face["boxes"][: len(frames)]), envelope) for face in t["faces"]]
         right += int(np.argmax(scores)) == t["speaker_face"]
         speaking_scores.append(scores[t["speaker_face"]])
         silent_scores.append(scores[1 - t["speaker_face"]])
@@ -55,3 +94,9 @@ def test_asd_show_renders_a_contact_sheet(mini_meld, tmp_path):
         assert sheet.size[0] > sheet.size[1]  # 4 tiles side by side
     missing = CliRunner().invoke(app, ["asd", "show", "train/dia999_utt0", "--meld-root", str(mini_meld)])
     assert missing.exit_code == 2 and "no clip" in missing.output
+
+
+def test_the_configured_threshold_is_the_scorers():
+    from infra.config import PreprocessConfig
+
+    assert PreprocessConfig().asd_threshold == DEFAULT_THRESHOLD
