@@ -164,7 +164,9 @@ def timing(paths: list[Path], device: str) -> tuple[Table, dict]:
 
     torch.manual_seed(0)
     s3fd, talknet = S3FD().eval().to(device), TalkNet().eval().to(device)
+    threads = torch.get_num_threads()
     encoder = ImageBindStage(checkpoint=None, size=None, seed=0)  # the job's default encoder, for the share
+    torch.set_num_threads(threads)  # a CPU actor takes one thread; every part here runs with the same count
     per_forward = s3fd_frames_per_forward(s3fd)
     faithful = dict(read=0.0, s3fd=0.0, track=0.0, talknet=0.0)
     demo = dict(s3fd=0.0, talknet=0.0)
