@@ -38,12 +38,15 @@ log = logging.getLogger(__name__)
 # is held small (short side SCORE_SHORT_SIDE, 3 bytes a pixel) for tracking, plus up to ~2 bytes a
 # full-size pixel that decord holds while scaling. With an S3FD stage after it (`frames_out`) the task's
 # output is the frames themselves, serialised: the small ones and, in faithful mode, S3FD's input (0.25
-# of the full size) a second time (fast mode's S3FD input is made from the small frames in the actor). The estimate adds 20% and rounds up to 512 MiB steps.
+# of the full size) a second time (fast mode's S3FD input is made from the small frames in the actor).
+# The estimate adds 20% and rounds up to 512 MiB steps.
 DECODE_BASE_MEMORY = 1024**3  # a decode worker with PyAV, decord, OpenCV and torch imported
 _MEMORY_STEP = 512 * 1024**2
 
 
-def decode_memory(width: int, height: int, seconds: float, fps: float, frames_out: bool = False, s3fd_input: bool = False) -> int:
+def decode_memory(
+    width: int, height: int, seconds: float, fps: float, frames_out: bool = False, s3fd_input: bool = False
+) -> int:
     """Bytes to request for decoding a clip of this size (the worker's own footprint included)."""
     frames = seconds * max(ASD_FPS, min(fps, 60.0))  # frames read for the speaker stage (native above 25 fps)
     small = min(1.0, SCORE_SHORT_SIDE / max(1, min(width, height))) ** 2 * width * height
