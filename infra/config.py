@@ -104,8 +104,12 @@ class PreprocessConfig(_Section):
     talknet_checkpoint: Path | None = Field(None, description="pretrain_TalkSet.model, for asd_method talknet")
     s3fd_checkpoint: Path | None = Field(None, description="sfd_face.pth: faces by S3FD instead of Haar cascades")
     asd_gpus: float = Field(0.0, ge=0, description="GPUs per S3FD / TalkNet actor; 0 = CPU actors")
-    asd_actors: int = Field(1, ge=1, description="actors per speaker model (S3FD, TalkNet) in the pool")
-    asd_batch_clips: int = Field(4, ge=1, description="clips per S3FD / TalkNet actor call (frames and windows batched across them)")
+    asd_actors: int | None = Field(
+        None, ge=1, description="actors per speaker model (S3FD, TalkNet); default: 1 on GPUs, CPU actors scale from 1 to the cluster's CPUs"
+    )
+    asd_batch_clips: int | None = Field(
+        None, ge=1, description="clips per S3FD / TalkNet actor call (frames and windows batched across them); default: 4 on GPUs, 1 on CPU"
+    )
     asd_threshold: float = Field(0.5, description="sync score below which no speaker is visible (pipelines.asd.sync)")
     detect_every: int = Field(5, ge=1, description="detect faces on every k-th frame (25 fps), fast mode")
     asd_faithful: bool | None = Field(

@@ -223,6 +223,14 @@ def test_speaker_models_run_as_actor_stages_only_when_given(ray_session, tmp_pat
     assert names == ["FromItems", "MapBatches(S3FDStage)", "Map(track_row)", "MapBatches(TalkNetStage)", "Map(crop_row)"]
     op = ds._logical_plan.dag.input_dependencies[0]  # TalkNetStage
     assert op.ray_remote_args["num_gpus"] == 0.5 and op.compute.max_size == 2 and op.batch_size == 4
+    # by default CPU actors take a clip a call and scale from one to every CPU (S3FD is most of the work
+    # there); on GPUs one actor per model takes 4 clips a call
+    cpu = load_config(None, [f"preprocess.s3fd_checkpoint={tmp_path}/s.pth"]).preprocess
+    op = _speaker_crops(items, cpu)._logical_plan.dag.input_dependencies[0].input_dependencies[0]  # S3FDStage
+    assert (op.compute.min_size, op.compute.max_size, op.batch_size) == (1, int(ray.cluster_resources()["CPU"]), 1)
+    gpu = load_config(None, [f"preprocess.s3fd_checkpoint={tmp_path}/s.pth", "preprocess.asd_gpus=1"]).preprocess
+    op = _speaker_crops(items, gpu)._logical_plan.dag.input_dependencies[0].input_dependencies[0]
+    assert (op.compute.min_size, op.compute.max_size, op.batch_size) == (1, 1, 4)
 
 
 @pytest.mark.slow  # TalkNet's six window lengths on CPU
