@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +118,18 @@ class DecodedClip:
             self.failure = (stage, reason, exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}")
 
 
-def read_audio(path: Path | str, channels: bool = True) -> tuple[np.ndarray, tuple[np.ndarray, int] | None] | None:
-    """The first audio stream, decoded once: (16 kHz mono float32, the speaker stage hears FFmpeg's mono
-    downmix as TalkNet's demo does; with `channels`, every channel at the file's own rate, (float32
-    [C, N], rate), as ImageBind's loader reads it: `torchaudio.load`, FFmpeg's decoder, no downmix).
-    None if the clip has no audio."""
-    from itertools import chain
+@dataclass
+class ClipAudio:
+    """A clip's first audio stream, decoded once."""
 
+    mono_16k: np.ndarray  # float32 [N]: FFmpeg's mono downmix at 16 kHz, what TalkNet's demo and `sync` hear
+    channels: np.ndarray | None  # float32 [C, N'] at `rate`, no downmix, as ImageBind's loader reads them
+    rate: int  # (`torchaudio.load`: FFmpeg's decoder)
+
+
+def read_audio(path: Path | str, channels: bool = True) -> ClipAudio | None:
+    """The first audio stream, decoded once into both forms (`channels=False`: the 16 kHz mono only);
+    None if the clip has no audio."""
     import av  # on use: importing the job (e.g. its encoder stage alone) needs no PyAV
 
     with av.open(str(path)) as container:
@@ -140,14 +146,14 @@ def read_audio(path: Path | str, channels: bool = True) -> tuple[np.ndarray, tup
         rate, n_channels = stream.rate, len(stream.layout.channels)
     waveform = np.concatenate(mono_chunks).astype(np.float32) if mono_chunks else np.zeros(0, np.float32)
     if planar is None:
-        return waveform, None
-    return waveform, ((np.concatenate(planar_chunks, axis=1) if planar_chunks else np.zeros((n_channels, 0), np.float32)), rate)
+        return ClipAudio(waveform, None, rate)
+    return ClipAudio(waveform, np.concatenate(planar_chunks, axis=1) if planar_chunks else np.zeros((n_channels, 0), np.float32), rate)
 
 
 def read_audio_16k(path: Path | str) -> np.ndarray | None:
     """The first audio stream as 16 kHz mono float32 (FFmpeg's downmix), or None if the clip has none."""
     audio = read_audio(path, channels=False)
-    return audio[0] if audio is not None else None
+    return audio.mono_16k if audio is not None else None
 
 
 def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = SpeakerSettings()) -> DecodedClip:
@@ -168,10 +174,10 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
     try:
         if probe.has_audio:
             audio = read_audio(path)
-            waveform = audio[0] if audio is not None else None
+            waveform = audio.mono_16k if audio is not None else None
             if waveform is not None and waveform.size >= SAMPLE_RATE * 0.025:  # one 25 ms fbank window
                 # TalkNet and `sync` hear FFmpeg's mono downmix (as the TalkNet demo); ImageBind channel 0
-                out.audio = audio_features(resample_channels(*audio[1]))
+                out.audio = audio_features(resample_channels(audio.channels, audio.rate))
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
         out.fail("decode", "audio_decode_error", exc)
     if speaker.method in ("sync", "talknet"):

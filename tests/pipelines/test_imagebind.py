@@ -159,7 +159,8 @@ def test_audio_is_channel_0_of_a_stereo_file_as_imagebind_loads_it(tmp_path):
         frame.sample_rate = 48_000
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    downmix_16k, (channels, rate) = read_audio(path)
+    audio = read_audio(path)
+    channels, rate, downmix_16k = audio.channels, audio.rate, audio.mono_16k
     assert channels.shape == (2, 96_000) and rate == 48_000
     np.testing.assert_allclose(channels[0], left, atol=1e-4)
     features = audio_features(resample_channels(channels, rate))
