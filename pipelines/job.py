@@ -296,7 +296,7 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
         # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
         .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, memory=memory,
-             concurrency=pc.decode_concurrency)  # fmt: skip
+             compute=ray.data.TaskPoolStrategy(size=pc.decode_concurrency))  # fmt: skip
         for memory, group in sorted(groups.items())
     ]
     log.info("decode memory per task: %s", ", ".join(f"{len(g)} clips x {m / 1024**3:.1f} GiB" for m, g in sorted(groups.items())))
@@ -315,15 +315,17 @@ def _speaker_pool(pc: PreprocessConfig) -> dict:
     model fed `GPU_SPEAKER_BATCH_CLIPS` clips a call (frames and windows batched across them), and on a
     CPU actors of one thread each, one clip a call (a CPU gains nothing from batching S3FD's frames), that
     Ray Data scales from one to the cluster's CPUs: there faithful S3FD is most of the job's work, and a
-    single actor would leave the other cores idle once decode is done (6 clips with S3FD, 2 cores: 111 s
-    against 149 s for one actor)."""
+    single actor would leave the other cores idle once decode is done (README: "The preprocessing job")."""
     import ray
 
     on_gpu = pc.asd_gpus > 0
-    actors = pc.asd_actors or (1 if on_gpu else (1, max(1, int(ray.cluster_resources().get("CPU", 1)))))
+    if pc.asd_actors or on_gpu:
+        pool = ray.data.ActorPoolStrategy(size=pc.asd_actors or 1)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
     batch = pc.asd_batch_clips or (GPU_SPEAKER_BATCH_CLIPS if on_gpu else 1)
     # like the encoder's, speaker actors take no CPU slot: on a CPU machine they share it with decode
-    return dict(concurrency=actors, num_gpus=pc.asd_gpus, num_cpus=0, batch_size=batch, batch_format="numpy")
+    return dict(compute=pool, num_gpus=pc.asd_gpus, num_cpus=0, batch_size=batch, batch_format="numpy")
 
 
 def _speaker_crops(decoded, pc: PreprocessConfig):
@@ -425,7 +427,7 @@ def _run_media(
         ),
         # A GPU actor needs no CPU slot; a CPU actor takes none either, so that decode tasks (the
         # heavy part on CPU) can use every core; the encoder's work interleaves with theirs.
-        concurrency=pc.encoder_actors, num_gpus=pc.encoder_gpus, num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(size=pc.encoder_actors), num_gpus=pc.encoder_gpus, num_cpus=0,
         batch_size=pc.batch_size, batch_format="numpy",
     )  # fmt: skip
     ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
