@@ -32,8 +32,21 @@ def test_opening_is_the_distance_from_the_mouth_at_rest():
     crops = np.full((len(envelope), 16, 32), 120.0, np.float32)
     crops[:, 8:12, 8:24] -= 100 * envelope[:, None, None]  # a dark opening as wide as the speech is loud
     opening = mouth_opening(crops, envelope)
-    np.testing.assert_allclose(opening, 100 * envelope * (4 * 16) / (16 * 32), rtol=1e-5)
+    np.testing.assert_allclose(opening, 100 * envelope * (4 * 16) / (16 * 32), rtol=1e-5, atol=1e-5)
     assert sync_score(opening, envelope) > 0.99
+
+
+def test_a_still_face_with_pixel_noise_does_not_follow_the_speech():
+    """Compression noise on a still face: measured against a rest look built from the quiet frames
+    themselves, the quiet frames would be nearest rest and 9 in 10 one-second tracks would pass the
+    threshold; against the other quiet frames' median the noise says nothing."""
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(100):
+        envelope = np.convolve((rng.random(25) < 0.6) * rng.uniform(0.3, 1.0, 25), np.ones(3) / 3, mode="same")
+        crops = np.round(120 + rng.normal(0, 2, (25, 16, 32))).astype(np.float32)
+        scores.append(sync_score(mouth_opening(crops, envelope), envelope))
+    assert np.mean(np.array(scores) >= DEFAULT_THRESHOLD) < 0.1
 
 
 def test_a_drifting_head_with_a_still_mouth_does_not_follow_the_speech():
@@ -74,7 +87,7 @@ def test_sync_picks_the_speaking_face_on_generated_clips(mini_meld):
         silent_scores.append(scores[1 - t["speaker_face"]])
     assert right / len(truths) >= 0.95, (right, len(truths))
     assert np.mean(np.array(speaking_scores) > DEFAULT_THRESHOLD) >= 0.9
-    assert np.mean(np.array(silent_scores) < DEFAULT_THRESHOLD) >= 0.8  # 89% on 76 demo clips
+    assert np.mean(np.array(silent_scores) < DEFAULT_THRESHOLD) >= 0.8
 
 
 def test_asd_show_renders_a_contact_sheet(mini_meld, tmp_path):
