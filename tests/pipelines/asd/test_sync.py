@@ -3,7 +3,9 @@ from __future__ import annotations
 import decord
 import numpy as np
 
-from pipelines.asd.sync import DEFAULT_THRESHOLD, detrend, mouth_crops, mouth_opening, sync_score, track_sync_score
+from pipelines.asd.sync import (
+    DEFAULT_THRESHOLD, detrend, leave_one_out_medians, mouth_crops, mouth_opening, sync_score, track_sync_score,
+)  # fmt: skip
 from pipelines.decode import read_audio_16k
 from pipelines.media import rms_per_frame
 from pipelines.synth import read_ground_truth
@@ -63,6 +65,14 @@ def test_a_drifting_head_with_a_still_mouth_does_not_follow_the_speech():
     opening = mouth_opening(mouth_crops(frames, boxes), envelope)
     assert np.corrcoef(opening, envelope)[0, 1] > 0.5
     assert track_sync_score(frames, boxes, envelope) < DEFAULT_THRESHOLD
+
+
+def test_leave_one_out_medians_equal_numpy_medians_without_each_row():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4, 5, 10, 11):
+        for x in (rng.random((n, 4, 3)).astype(np.float32), np.round(rng.random((n, 4, 3)) * 3)):  # ties too
+            expected = np.stack([np.median(np.delete(x, i, axis=0), axis=0) for i in range(n)])
+            np.testing.assert_allclose(leave_one_out_medians(x), expected, atol=1e-6)
 
 
 def test_detrend_removes_the_moving_mean():
