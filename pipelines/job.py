@@ -295,7 +295,7 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
         ray.data.from_items(group, override_num_blocks=len(group))
         # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
-        .map(decode_row, fn_kwargs={"speaker": speaker_settings(pc)}, num_cpus=1, memory=memory,
+        .map(decode_row, fn_kwargs={"speaker": speaker}, num_cpus=1, memory=memory,
              compute=ray.data.TaskPoolStrategy(size=pc.decode_concurrency))  # fmt: skip
         for memory, group in sorted(groups.items())
     ]
