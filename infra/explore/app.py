@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -104,6 +105,10 @@ def contained(path: Path, root: Path) -> Path | None:
         log.warning("refused to serve %s: it resolves to %s, outside %s", path, real, real_root)
         return None
     return real if check_clip_path(real) is None else None  # a regular, readable file (no FIFO, device or folder)
+
+
+def _finite(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def allowed_hosts(host: str, extra: Iterable[str] = ()) -> list[str]:
@@ -345,8 +350,10 @@ class Explorer:
         for cell in cells:
             metrics = json.loads(cell.pop("metrics") or "{}")
             metrics = {k: v for k, v in metrics.items() if isinstance(v, dict) and "value" in v}
-            cell["metrics"] = {k: v["value"] for k, v in metrics.items()}
-            cell["intervals"] = {k: v["ci"] for k, v in metrics.items() if v.get("ci") is not None}  # bootstrap 95%, as the report
+            cell["metrics"] = {k: _finite(v["value"]) for k, v in metrics.items()}  # NaN (no value) is null: JSON has no NaN
+            cell["intervals"] = {  # the bootstrap 95% interval, where there is one (as the report prints it)
+                k: list(v["ci"]) for k, v in metrics.items() if isinstance(v.get("ci"), list) and all(_finite(x) is not None for x in v["ci"])
+            }  # fmt: skip
         names = {c["cell"]: f"{c['system']} / {c['preset']}" for c in cells}
         outputs = self.store.read_records(EVAL_OUTPUTS, build_filter(cell=list(names)) if names else "false")
         pairs: dict[str, dict] = {}

@@ -68,7 +68,8 @@ def explore_store(tmp_path_factory, mini_meld) -> Path:
     key = truth[2]["key"]
     store.write_records(EVAL_RESULTS, [
         dict(cell=c, sweep="demo", system=s, preset="default", split="test", status="done", examples=1,
-             metrics=json.dumps({"bertscore_f1": {"value": 0.5, "ci": [0.4, 0.6]}}))
+             metrics=json.dumps({"bertscore_f1": {"value": 0.5, "ci": [0.4, 0.6]}, "dist_1": {"value": 0.8, "ci": [float("nan")] * 2},
+                                 "ppl": {"value": float("nan")}}))  # fmt: skip
         for c, s in (("c1", "text"), ("c2", "audio+video"))
     ])  # fmt: skip
     store.write_records(EVAL_OUTPUTS, [
@@ -322,7 +323,8 @@ def test_failed_clips_offer_no_sheet_and_say_why(client, mini_meld):
 
 def test_results_carry_the_intervals(client):
     cell = client.get("/api/results", params={"sweep": "demo"}).json()["cells"][0]
-    assert cell["metrics"] == {"bertscore_f1": 0.5} and cell["intervals"] == {"bertscore_f1": [0.4, 0.6]}
+    assert cell["metrics"] == {"bertscore_f1": 0.5, "dist_1": 0.8, "ppl": None}  # no value: null (JSON has no NaN)
+    assert cell["intervals"] == {"bertscore_f1": [0.4, 0.6]}  # an interval only where there is one
 
 
 def test_cli_refuses_a_missing_store_in_one_line(tmp_path):
@@ -469,7 +471,7 @@ def test_browser_tabs_hide_what_they_hide(served, browser, mini_meld):
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cells tbody td"))
     assert shown("results") and not shown("browse") and not shown("rows") and display("browse") == "none"
     cells = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#cells tbody td")]
-    assert "0.500 (0.400–0.600)" in cells  # the interval, as the report prints it
+    assert {"0.500 (0.400–0.600)", "0.800", "–"} <= set(cells)  # the interval, as the report prints it; none; no value
     driver.find_element(By.ID, "tab-browse").click()
     wait.until(lambda d: d.find_element(By.ID, "rows").is_displayed())
     assert not shown("results")
