@@ -68,6 +68,16 @@ def parse_history(text: str) -> list[str]:
     return lines
 
 
+def check_clip(clip: Path | str) -> None:
+    """A ReplyError naming what is wrong when `clip` is not a readable file (gone, a folder, a dangling link...)."""
+    from pipelines.media import check_clip_path
+
+    problem = check_clip_path(clip)
+    if problem is not None:
+        reason, detail = problem
+        raise ReplyError(f"no clip at {clip}: no such file" if reason == "missing_file" else f"the clip {detail} ({reason}): give the .mp4 file itself")
+
+
 def default_next_speaker(history: Sequence[str]) -> str:
     """The latest speaker other than the last line's (a reply goes back to them), else 'Friend'."""
     speakers = [line.split(":", 1)[0].strip() for line in history if ":" in line]
@@ -172,8 +182,7 @@ class Replier:
         if clip is None:
             fallback("no clip given")
             return None
-        if not Path(clip).is_file():
-            raise ReplyError(f"no clip at {clip}")
+        check_clip(clip)
         embedded = self.embedder()(clip)
         result.notes.extend(self.setup_notes)
         result.modalities = {"audio": embedded.has_audio, "video": embedded.has_video}
@@ -205,6 +214,8 @@ def reply(
     run: Path | str, history: Sequence[str] | str, clip: Path | str | None = None, speaker: str | None = None, *,
     allow_text_only: bool = False, preprocess: PreprocessConfig | None = None, preset: str = "default",
 ) -> ReplyResult:  # fmt: skip
-    """One reply from a trained run (see `Replier`)."""
+    """One reply from a trained run (see `Replier`); a bad clip path is refused before the run loads."""
     lines = parse_history(history) if isinstance(history, str) else list(history)
+    if clip is not None:
+        check_clip(clip)
     return Replier(run, preprocess=preprocess, preset=preset)(lines, clip, speaker, allow_text_only=allow_text_only)

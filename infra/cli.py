@@ -707,8 +707,10 @@ def reply_command(
     cfg = _config(config, overrides, preprocess__imagebind_checkpoint=imagebind_checkpoint)
     try:
         result = reply(run, history, clip, speaker, allow_text_only=allow_text_only, preprocess=cfg.preprocess, preset=preset)
-    except ReplyError as exc:
-        out.print(f"[red]error:[/red] {exc}")
+    except ReplyError as exc:  # stdout stays the result alone: with --json, {"error": ...}; the line on stderr
+        if as_json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"error: merg reply failed: {exc}", file=sys.stderr)
         raise typer.Exit(2) from exc
     if as_json:
         print(result.to_json())
@@ -734,9 +736,13 @@ def explore_command(
     report: Annotated[Optional[Path], typer.Option(help="A `merg report` folder to show.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the store.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    allow_host: Annotated[
+        Optional[list[str]], typer.Option("--allow-host", help="Another host name the page is reached by (with --host elsewhere).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """A local, read-only web app: utterances with their clips and speaker boxes, neighbours, sweep results, replies."""
+    """A local, read-only web app: utterances with their clips and speaker boxes, neighbours, sweep results, replies.
+    It answers only requests addressed to 127.0.0.1, localhost, --host or an --allow-host name (DNS rebinding)."""
     import uvicorn
 
     from infra.explore.app import ExploreSources, create_app
@@ -746,7 +752,8 @@ def explore_command(
     _open_store(root)  # one-line error for a missing or unreadable store
     if host not in ("127.0.0.1", "localhost", "::1"):
         out.print(f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this address can read the store and its clips")
-    app_ = create_app(ExploreSources(store=root, meld_root=meld_root, runs=runs or cfg.paths.runs, report=report))
+    app_ = create_app(ExploreSources(store=root, meld_root=meld_root, runs=runs or cfg.paths.runs, report=report),
+                      host=host, allow_hosts=allow_host or ())  # fmt: skip
     out.print(f"merg explore: http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

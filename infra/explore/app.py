@@ -4,10 +4,15 @@
     uvicorn.run(app, host="127.0.0.1", port=8765)
 
 Server: FastAPI on uvicorn; pages are plain HTML + vanilla JS from `static/` (no network, no CDN).
-Safety: every file the server sends is looked up by key in tables it built at start (the store's
-rows for clips, a listing of the report folder for report files, the fixed static files); no part of
-a request path reaches the file system. No endpoint writes the store (the reply box generates, it
-stores nothing).
+Safety (threat model: local only, read-only, Host-checked):
+- every file the server sends is looked up by key in tables it built at start (the store's rows for
+  clips, a listing of the report folder for report files, the fixed static files); no part of a request
+  path reaches the file system. A listed file is served only while its real path (links resolved) stays
+  inside the folder it was listed in: a link that leaves is refused and logged, at start and per request;
+- only the host names the server was started for are answered (a DNS-rebinding page gets 400), every
+  answer carries a strict Content-Security-Policy, request bodies are capped at MAX_BODY bytes, and one
+  reply is generated at a time (a second one meanwhile gets 429);
+- no endpoint writes the store (the reply box generates, it stores nothing).
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from featurestore.schema import EMBEDDING_COLUMNS, EVAL_OUTPUTS, EVAL_RESULTS
 from featurestore.store import Store, build_filter
@@ -34,6 +42,18 @@ STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # served 
 BROWSE_COLUMNS = ["key", "split", "speaker", "emotion", "sentiment", "text", "face_visible", "asd_score", "clip_path"]
 PAGE_LIMIT = 200
 REPORT_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".md": "text/markdown", ".html": "text/html", ".csv": "text/csv", ".json": "application/json"}  # fmt: skip
+MAX_BODY = 64 * 1024  # bytes a request body may have (only POST /api/reply takes one)
+MAX_HISTORY_LINES = 200
+# The app's own pages: scripts, styles, media and fetches from this server only, no inline code.
+APP_POLICY = "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+# Report files (an .html or .svg opened directly): no script at all; the report's inline <style> may apply.
+REPORT_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"  # fmt: skip
+SECURITY_HEADERS = {
+    "content-security-policy": APP_POLICY, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+    "cross-origin-resource-policy": "same-origin", "x-frame-options": "DENY",
+}  # fmt: skip
+# Recorded failures after which the job kept the clip's video (so a contact sheet can still be drawn).
+VIDEO_KEPT = {"no_audio_stream", "audio_decode_error"}
 
 
 @dataclass
@@ -42,6 +62,109 @@ class ExploreSources:
     meld_root: Path | None = None  # where clips are, if not at the store rows' clip_path
     runs: Path | None = None  # runs/ folder: the reply box's choices
     report: Path | None = None  # a `merg report` folder: its tables and plots
+
+
+class ExplorerBusy(RuntimeError):
+    """A reply asked for while another is being generated."""
+
+
+class SheetUnavailable(LookupError):
+    """A contact sheet that cannot be drawn: the clip was recorded as failed, or rendering failed."""
+
+
+class ReplyRequest(BaseModel):
+    """POST /api/reply's body. `history` is a list of "Speaker: text" lines, or one string of such lines
+    separated by newlines (as `merg reply --history` takes it); empty or absent: the utterance's dialogue."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: str = Field(max_length=255)
+    key: str | None = Field(None, max_length=255)
+    history: list[str] | None = Field(None, max_length=MAX_HISTORY_LINES)
+    speaker: str | None = Field(None, max_length=255)
+    allow_text_only: StrictBool = False
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _lines_of_a_string(cls, value: Any) -> Any:
+        from evaluation.reply import parse_history
+
+        return parse_history(value) if isinstance(value, str) else value  # one line per line, never per character
+
+
+def contained(path: Path, root: Path) -> Path | None:
+    """`path`'s real location if it is a readable regular file inside `root` (links resolved), else None.
+    A file whose links lead out of `root` is refused with a warning in the log."""
+    from pipelines.media import check_clip_path
+
+    try:
+        real = path.resolve(strict=True)
+        real_root = root.resolve(strict=True)
+    except (OSError, RuntimeError):  # gone, a dangling link or a loop
+        return None
+    if not real.is_relative_to(real_root):
+        log.warning("refused to serve %s: it resolves to %s, outside %s", path, real, real_root)
+        return None
+    return real if check_clip_path(real) is None else None  # a regular, readable file (no FIFO, device or folder)
+
+
+def _finite(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def allowed_hosts(host: str, extra: Iterable[str] = ()) -> list[str]:
+    """The Host header names the server answers: loopback names, the address it binds, and `extra`
+    (names it is reached by when bound elsewhere). Ports are not compared; a missing or empty Host is refused."""
+    names = ["127.0.0.1", "localhost", "[::1]", host, *extra]
+    return sorted({f"[{n}]" if ":" in n and not n.startswith("[") else n.lower() for n in names if n and n != "*"})
+
+
+class SecurityHeaders:
+    """ASGI middleware: the security headers on every answer (a route's own CSP is kept)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import MutableHeaders
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares its length or streams."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+        from starlette.datastructures import Headers
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body over {self.limit} bytes"
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # a chunked body: stop reading at the limit
+                raise HTTPException(status_code=413, detail=too_large)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class Explorer:
@@ -65,12 +188,20 @@ class Explorer:
         self.report_files = self._report_table()
         self.runs = self._run_table()
         self._repliers: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._reply_lock = threading.Lock()  # one reply at a time per server
         self._sheets = tempfile.TemporaryDirectory(prefix="merg-explore-sheets-")  # rendered contact sheets
+        self._sheet_locks: dict[str, threading.Lock] = {}  # one render per key; the others wait for it
+        self._sheet_locks_lock = threading.Lock()
+        self.no_sheet: dict[str, str] = {  # key -> why there is no contact sheet
+            key: "; ".join(f"{f['stage']}: {f['reason']}" + (f" ({f['detail']})" if f["detail"] else "") for f in bad)
+            for key, items in self.failures.items()
+            if (bad := [f for f in items if f["stage"] in ("read", "decode") and f["reason"] not in VIDEO_KEPT])
+        }  # fmt: skip
 
     # ---- lookups built once ----------------------------------------------------------------------
     def _clip_table(self) -> dict[str, Path]:
-        """key -> clip file, for rows whose clip exists (the store's path, else the MELD layout)."""
+        """key -> the clip's real path, for rows whose clip is a file inside its own folder (the store's
+        path, else the MELD layout's); the folder is the root the clip must stay in when served."""
         from pipelines.meld import read_splits
 
         layout = {}
@@ -80,18 +211,29 @@ class Explorer:
         clips = {}
         paths = self.rows.column("clip_path").to_pylist() if "clip_path" in self.rows.column_names else [None] * len(self.position)
         for key, stored in zip(self.position, paths):
-            path = Path(stored) if stored else None
-            if path is None or not path.is_file():
-                path = layout.get(key)
-            if path is not None and path.is_file():
-                clips[key] = path
+            for path in (Path(stored) if stored else None, layout.get(key)):
+                real = contained(path, path.absolute().parent) if path is not None else None
+                if real is not None:
+                    clips[key] = real
+                    break
         return clips
 
     def _report_table(self) -> dict[str, Path]:
+        """name -> the real path of each report file that stays inside the report folder."""
         folder = self.sources.report
         if folder is None or not folder.is_dir():
             return {}
-        return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in REPORT_TYPES}
+        listed = ((p.name, contained(p, folder)) for p in sorted(folder.iterdir()) if p.suffix in REPORT_TYPES)
+        return {name: real for name, real in listed if real is not None}
+
+    def clip_file(self, key: str) -> Path | None:
+        """The clip of `key`, checked again now: still a file in its folder (not since replaced by a link out)."""
+        path = self.clips.get(key)
+        return contained(path, path.parent) if path is not None else None
+
+    def report_file(self, name: str) -> Path | None:
+        path = self.report_files.get(name)
+        return contained(path, self.sources.report) if path is not None else None
 
     def _run_table(self) -> dict[str, Path]:
         folder = self.sources.runs
@@ -150,7 +292,7 @@ class Explorer:
         row = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
         row["failures"] = [dict(stage=f["stage"], reason=f["reason"], detail=f["detail"]) for f in self.failures.get(key, [])]
         row["clip_url"] = f"/media/clip/{key}" if key in self.clips else None
-        row["sheet_url"] = f"/media/sheet/{key}" if key in self.clips else None
+        row["sheet_url"] = f"/media/sheet/{key}" if key in self.clips and key not in self.no_sheet else None
         return row
 
     def similar(self, key: str, column: str, emotion: str | None, k: int) -> dict:
@@ -169,22 +311,49 @@ class Explorer:
 
     def sheet(self, key: str) -> Path | None:
         """The contact sheet of a clip's face tracks, their scores and the chosen speaker (`merg asd
-        show`), rendered once into a temporary folder; named by a hash of the key."""
-        if key not in self.clips:
+        show`), rendered once into a temporary folder; named by a hash of the key. Concurrent first asks
+        wait for the one render, which is written to a temporary file and renamed into place, so no
+        answer reads a half-written sheet. Raises SheetUnavailable with the reason for a failed clip."""
+        clip = self.clip_file(key)
+        if clip is None:
             return None
+        with self._sheet_locks_lock:
+            lock = self._sheet_locks.setdefault(key, threading.Lock())
         target = Path(self._sheets.name) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.png"
-        if not target.exists():
-            from pipelines.asd.show import contact_sheet
-
-            contact_sheet(self.clips[key], target)
+        with lock:
+            if key in self.no_sheet:
+                raise SheetUnavailable(f"no contact sheet for {key}: {self.no_sheet[key]}")
+            if not target.exists():
+                self._render_sheet(key, clip, target)
         return target
+
+    def _render_sheet(self, key: str, clip: Path, target: Path) -> None:
+        from pipelines.asd.show import contact_sheet
+
+        partial = target.with_name(f"{target.stem}.partial.png")  # cv2 picks the format by the suffix
+        try:
+            contact_sheet(clip, partial)
+            if not partial.is_file() or partial.stat().st_size == 0:
+                raise RuntimeError("no image was written")
+        except Exception as exc:  # noqa: BLE001 - a clip that cannot be drawn is a 404 with its reason, not a 500
+            from infra.errors import explain
+
+            partial.unlink(missing_ok=True)
+            self.no_sheet[key] = f"rendering failed: {explain(exc)}"
+            log.warning("contact sheet of %s: %s", key, self.no_sheet[key])
+            raise SheetUnavailable(f"no contact sheet for {key}: {self.no_sheet[key]}") from None
+        os.replace(partial, target)
 
     def results(self, sweep: str | None) -> dict:
         cells = self.store.read_records(EVAL_RESULTS, build_filter(sweep=sweep, status="done"))
         cells = cells.select(["cell", "sweep", "system", "preset", "split", "examples", "metrics"]).to_pylist()
         for cell in cells:
             metrics = json.loads(cell.pop("metrics") or "{}")
-            cell["metrics"] = {k: v["value"] for k, v in metrics.items() if isinstance(v, dict) and "value" in v}
+            metrics = {k: v for k, v in metrics.items() if isinstance(v, dict) and "value" in v}
+            cell["metrics"] = {k: _finite(v["value"]) for k, v in metrics.items()}  # NaN (no value) is null: JSON has no NaN
+            cell["intervals"] = {  # the bootstrap 95% interval, where there is one (as the report prints it)
+                k: list(v["ci"]) for k, v in metrics.items() if isinstance(v.get("ci"), list) and all(_finite(x) is not None for x in v["ci"])
+            }  # fmt: skip
         names = {c["cell"]: f"{c['system']} / {c['preset']}" for c in cells}
         outputs = self.store.read_records(EVAL_OUTPUTS, build_filter(cell=list(names)) if names else "false")
         pairs: dict[str, dict] = {}
@@ -199,17 +368,22 @@ class Explorer:
         return dict(sweeps=sweeps, cells=cells, systems=list(names.values()), pairs=sorted(pairs.values(), key=lambda p: p["key"]))
 
     def reply(self, run: str, key: str | None, history: list[str] | None, speaker: str | None, allow_text_only: bool) -> dict:
-        """`merg reply`'s code with one of the listed runs; the clip is the utterance's, by key."""
+        """`merg reply`'s code with one of the listed runs; the clip is the utterance's, by key. One reply
+        at a time per server (generation takes the CPUs): asked meanwhile, it raises ExplorerBusy."""
         from evaluation.reply import Replier, default_next_speaker
 
-        with self._lock:  # one generation at a time; runs stay loaded
+        if not self._reply_lock.acquire(blocking=False):
+            raise ExplorerBusy("another reply is being generated (one at a time per server): ask again when it is done")
+        try:  # runs stay loaded
             if run not in self._repliers:
                 self._repliers[run] = Replier(self.runs[run])
             replier = self._repliers[run]
             if not history and key is not None:
                 history = self._history_up_to(key)
-            return replier(history or [], self.clips.get(key) if key else None, speaker or default_next_speaker(history or []),
+            return replier(history or [], self.clip_file(key) if key else None, speaker or default_next_speaker(history or []),
                            allow_text_only=allow_text_only).to_dict()  # fmt: skip
+        finally:
+            self._reply_lock.release()
 
     def _history_up_to(self, key: str, lines: int = 5) -> list[str]:
         """The dialogue's lines up to and including `key` (from the store's rows)."""
@@ -221,13 +395,19 @@ class Explorer:
         return [f"{r['speaker']}: {r['text']}" for r in upto[-lines:]]
 
 
-def create_app(sources: ExploreSources):
-    from fastapi import Body, FastAPI, HTTPException, Query
+def create_app(sources: ExploreSources, host: str = "127.0.0.1", allow_hosts: Iterable[str] = ()):
+    """The app over `sources`, answering only requests whose Host is a loopback name, `host` (the
+    address it binds) or one of `allow_hosts`."""
+    from fastapi import FastAPI, HTTPException, Query
     from fastapi.responses import FileResponse, HTMLResponse, Response
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     explorer = Explorer(sources)
     app = FastAPI(title="merg explore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
+    app.add_middleware(BodyLimit)  # the last added runs first: Host check, then headers, then the body cap
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts), www_redirect=False)
     index_html = (STATIC / "index.html").read_text()
 
     def not_found() -> HTTPException:
@@ -275,34 +455,38 @@ def create_app(sources: ExploreSources):
 
     @app.get("/media/clip/{key:path}")
     def clip(key: str) -> FileResponse:
-        path = explorer.clips.get(key)  # by key only: a request's text never becomes a path
+        path = explorer.clip_file(key)  # by key only: a request's text never becomes a path
         if path is None:
             raise not_found()
         return FileResponse(path, media_type="video/mp4")
 
     @app.get("/media/sheet/{key:path}")
     def sheet(key: str) -> FileResponse:
-        path = explorer.sheet(key)
+        try:
+            path = explorer.sheet(key)
+        except SheetUnavailable as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
         if path is None:
             raise not_found()
         return FileResponse(path, media_type="image/png")
 
     @app.get("/media/report/{name}")
     def report_file(name: str) -> FileResponse:
-        path = explorer.report_files.get(name)
+        path = explorer.report_file(name)
         if path is None:
             raise not_found()
-        return FileResponse(path, media_type=REPORT_TYPES[path.suffix])
+        return FileResponse(path, media_type=REPORT_TYPES[Path(name).suffix], headers={"content-security-policy": REPORT_POLICY})
 
     @app.post("/api/reply")
-    def reply(body: dict = Body(...)) -> dict:
+    def reply(body: ReplyRequest) -> dict:
         from evaluation.reply import ReplyError
 
-        run, key = body.get("run"), body.get("key")
-        if run not in explorer.runs or (key is not None and key not in explorer.position):
+        if body.run not in explorer.runs or (body.key is not None and body.key not in explorer.position):
             raise not_found()
         try:
-            return explorer.reply(run, key, body.get("history"), body.get("speaker"), bool(body.get("allow_text_only")))
+            return explorer.reply(body.run, body.key, body.history, body.speaker, body.allow_text_only)
+        except ExplorerBusy as exc:
+            raise HTTPException(status_code=429, detail=str(exc), headers={"retry-after": "10"}) from None
         except ReplyError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
 

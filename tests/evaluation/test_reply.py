@@ -96,3 +96,29 @@ def test_cli_reply_prints_json_and_one_line_errors(runs, mini_meld):
     assert missing.exit_code == 2 and "error:" in missing.output and "--allow-text-only" in missing.output
     text = runner.invoke(app, ["reply", "--run", str(runs["text"]), "--history", history, "--speaker", "Rachel"])
     assert text.exit_code == 0 and text.stdout.startswith("Rachel:") and "used text" in text.stdout
+
+
+def test_cli_reply_names_a_directory_given_as_the_clip(tmp_path):
+    """The clip is checked before the run loads, and the message says what is wrong with it."""
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    result = CliRunner().invoke(app, ["reply", "--run", str(tmp_path / "no-run"), "--clip", str(tmp_path), "--history", "Ross: hi"])
+    assert result.exit_code == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (other stderr lines: library logs)
+    assert len(errors) == 1 and "is a directory" in errors[0] and "no clip at" not in errors[0]
+
+
+def test_cli_reply_json_errors_keep_stdout_json(tmp_path):
+    """With --json, stdout holds JSON whatever happens ({"error": ...} on failure); the line goes to stderr."""
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    for extra in (["--clip", str(tmp_path)], []):  # a bad clip, then a run that is not there
+        result = CliRunner().invoke(app, ["reply", "--run", str(tmp_path / "no-run"), "--history", "Ross: hi", "--json", *extra])
+        assert result.exit_code == 2
+        error = json.loads(result.stdout)["error"]
+        assert error and f"error: merg reply failed: {error}" in result.stderr.splitlines()
+

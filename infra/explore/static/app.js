@@ -45,7 +45,7 @@ async function loadRows() {
   body.replaceChildren(...page.items.map((row) => {
     const tr = el("tr", { className: row.key === state.key ? "selected" : "" },
       el("td", { textContent: row.key }), el("td", { textContent: row.speaker }), el("td", { textContent: row.emotion }),
-      el("td", { textContent: row.text }), el("td", { textContent: row.face_visible ?? "?" }), el("td", { textContent: row.failure ?? "" }));
+      el("td", { textContent: row.text }), el("td", { textContent: row.face_visible ?? "?" }), el("td", { textContent: (row.failure ?? "").replaceAll(";", "; ") }));
     tr.dataset.key = row.key;
     tr.dataset.emotion = row.emotion;
     tr.addEventListener("click", () => openUtterance(row.key));
@@ -81,7 +81,7 @@ async function openUtterance(key) {
   $("#sheet-go").hidden = !row.sheet_url;
   $("#sheet-go").onclick = () => { $("#sheet").src = row.sheet_url; $("#sheet").hidden = false; };
   fill($("#labels"), [["speaker", row.speaker], ["text", row.text], ["emotion", row.emotion], ["sentiment", row.sentiment],
-    ["face visible", row.face_visible], ["speaker detection", `${row.asd_method ?? "-"} (score ${row.asd_score ?? "-"})`]]);
+    ["face visible", row.face_visible], ["speaker detection", `${row.asd_method ?? "-"} (score ${row.asd_score == null ? "-" : row.asd_score.toFixed(3)})`]]);
   fill($("#provenance"), ["encoder", "encoder_checkpoint", "fusion", "pipeline_version", "config_hash", "clip_sha256", "created_at"].map((k) => [k, row[k]]));
   $("#failures").replaceChildren(...row.failures.map((f) => el("li", { textContent: `${f.stage}: ${f.reason} ${f.detail || ""}` })));
   $("#reply-out").textContent = "";
@@ -114,6 +114,14 @@ async function reply(event) {
   }
 }
 
+// A metric as the report prints it: the value and its bootstrap 95% interval, "0.512 (0.431–0.590)".
+function metricText(value, interval) {
+  if (value == null || Number.isNaN(value)) return "–";
+  const digits = Math.abs(value) >= 10 ? 2 : 3;
+  const ok = interval && interval.every((v) => v != null && !Number.isNaN(v));
+  return ok ? `${value.toFixed(digits)} (${interval[0].toFixed(digits)}–${interval[1].toFixed(digits)})` : value.toFixed(digits);
+}
+
 async function loadResults() {
   const sweep = $("#sweep").value;
   const results = await api(`/api/results${sweep ? `?sweep=${encodeURIComponent(sweep)}` : ""}`);
@@ -121,7 +129,7 @@ async function loadResults() {
   const names = [...new Set(results.cells.flatMap((c) => Object.keys(c.metrics)))];
   $("#cells thead").replaceChildren(el("tr", {}, ...["system", "preset", "split", "N", ...names].map((n) => el("th", { textContent: n }))));
   $("#cells tbody").replaceChildren(...results.cells.map((c) => el("tr", {}, ...[c.system, c.preset, c.split, c.examples,
-    ...names.map((n) => (c.metrics[n] ?? NaN).toFixed(3))].map((v) => el("td", { textContent: v })))));
+    ...names.map((n) => metricText(c.metrics[n], (c.intervals || {})[n]))].map((v) => el("td", { textContent: v })))));
   $("#pairs").replaceChildren(...results.pairs.map((p) => el("div", { className: "pair" },
     el("div", {}, el("strong", { textContent: p.key })), el("pre", { textContent: p.history.join("\n") }),
     el("div", { textContent: `reference (${p.next_speaker}): ${p.reference}` }),
