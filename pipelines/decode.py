@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.asd.stage import (
-    ASD_FPS, SCORE_SHORT_SIDE, SpeakerResult, SpeakerWork, s3fd_detections, score_with_talknet, start_speaker,
-    track_speaker,
+    ASD_FPS, DEMO_MP3_DELAY, SCORE_SHORT_SIDE, SpeakerResult, SpeakerWork, s3fd_detections, score_with_talknet,
+    start_speaker, track_speaker,
 )  # fmt: skip
 from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.imagebind import IMAGE_SIZE, SAMPLE_RATE, audio_features, resample_channels, video_frame_indices
@@ -127,32 +127,54 @@ class ClipAudio:
     rate: int  # (`torchaudio.load`: FFmpeg's decoder)
 
 
-def read_audio(path: Path | str, channels: bool = True) -> ClipAudio | None:
+def read_audio(path: Path | str, channels: bool = True, demo_delay: bool = False) -> ClipAudio | None:
     """The first audio stream, decoded once into both forms (`channels=False`: the 16 kHz mono only);
-    None if the clip has no audio."""
+    None if the clip has no audio.
+
+    The mono is FFmpeg's downmix to s16 (`ffmpeg -ac 1 -ar 16000` into a wav, as the TalkNet demo): to an
+    integer format FFmpeg's resampler normalises the downmix (0.5 L + 0.5 R), to float it does not
+    (0.707 L + 0.707 R, 1.41x louder). `demo_delay`: the mono starts with the silence the demo's own audio
+    starts with: the MP3 delay of its AVI (`DEMO_MP3_DELAY` samples at the clip's rate), after the time the
+    stream starts late in the file, which the demo's `-async 1` fills."""
     import av  # on use: importing the job (e.g. its encoder stage alone) needs no PyAV
 
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
-        mono = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        mono = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate) if channels else None
         mono_chunks, planar_chunks = [], []
-        for frame in chain(container.decode(audio=0), [None]):  # None flushes both resamplers
+        start = (container.start_time or 0) / 1_000_000
+        for index, frame in enumerate(chain(container.decode(audio=0), [None])):  # None flushes both resamplers
+            if demo_delay and index == 0 and frame is not None:
+                late = max(0, round(((frame.time or start) - start) * frame.sample_rate))
+                silence = _silence_like(frame, DEMO_MP3_DELAY + late)
+                mono_chunks += [out.to_ndarray().reshape(-1) for out in mono.resample(silence)]
             mono_chunks += [out.to_ndarray().reshape(-1) for out in mono.resample(frame)]
             if planar is not None:
                 planar_chunks += [out.to_ndarray() for out in planar.resample(frame)]
         rate, n_channels = stream.rate, len(stream.layout.channels)
-    waveform = np.concatenate(mono_chunks).astype(np.float32) if mono_chunks else np.zeros(0, np.float32)
+    waveform = np.concatenate(mono_chunks).astype(np.float32) / 32768 if mono_chunks else np.zeros(0, np.float32)
     if planar is None:
         return ClipAudio(waveform, None, rate)
     return ClipAudio(waveform, np.concatenate(planar_chunks, axis=1) if planar_chunks else np.zeros((n_channels, 0), np.float32), rate)
 
 
-def read_audio_16k(path: Path | str) -> np.ndarray | None:
+def _silence_like(frame, samples: int):
+    """A silent frame of `samples` samples in `frame`'s format, layout and rate."""
+    import av
+
+    silence = av.AudioFrame(format=frame.format.name, layout=frame.layout.name, samples=samples)
+    for plane in silence.planes:
+        plane.update(bytes(plane.buffer_size))
+    silence.sample_rate = frame.sample_rate
+    return silence
+
+
+def read_audio_16k(path: Path | str, demo_delay: bool = False) -> np.ndarray | None:
     """The first audio stream as 16 kHz mono float32 (FFmpeg's downmix), or None if the clip has none."""
-    audio = read_audio(path, channels=False)
+    audio = read_audio(path, channels=False, demo_delay=demo_delay)
     return audio.mono_16k if audio is not None else None
 
 
@@ -173,7 +195,7 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
     waveform = None
     try:
         if probe.has_audio:
-            audio = read_audio(path)
+            audio = read_audio(path, demo_delay=speaker.is_faithful)
             waveform = audio.mono_16k if audio is not None else None
             if waveform is not None and waveform.size >= SAMPLE_RATE * 0.025:  # one 25 ms fbank window
                 # TalkNet and `sync` hear FFmpeg's mono downmix (as the TalkNet demo); ImageBind channel 0

@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import sys
 import types
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -128,11 +130,12 @@ def load_checkpoint(model: torch.nn.Module, path: Path | str) -> None:
 
 
 # ---- preprocessing (CPU) ---------------------------------------------------------------------------
-def clip_windows(duration: float, clips: int, clip_seconds: float = CLIP_SECONDS) -> list[tuple[float, float]]:
-    """pytorchvideo's ConstantClipsPerVideoSampler: `clips` windows spread uniformly."""
-    last_start = max(duration - clip_seconds, 0.0)
+def clip_windows(duration: float, clips: int, clip_seconds: float = CLIP_SECONDS) -> list[tuple[Fraction, Fraction]]:
+    """pytorchvideo's ConstantClipsPerVideoSampler: `clips` windows spread uniformly, in exact fractions
+    of the float duration (in floats, 853 of 2,487 audio lengths' clip ends would be one sample off)."""
+    last_start = Fraction(max(duration - clip_seconds, 0.0))
     step = last_start / max(clips - 1, 1)
-    return [(i * step, i * step + clip_seconds) for i in range(clips)]
+    return [(i * step, i * step + Fraction(clip_seconds)) for i in range(clips)]
 
 
 def resample_channels(channels: np.ndarray, rate: int) -> np.ndarray:
@@ -147,17 +150,19 @@ def audio_features(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.n
     """16 kHz waveform, mono [N] or channels [C, N] -> normalised fbank clips, float32 [3, 1, 128, 204].
 
     With several channels, as the official loader: each clip's mean over all channels is removed, then
-    `kaldi.fbank` takes channel 0 (its default)."""
+    `kaldi.fbank` takes channel 0 (its default). As there, the mean is removed in place from the whole
+    waveform (a copy of it here): where clips overlap (utterances under 6 s), a later clip has lost the
+    earlier clips' means too."""
     import torchaudio.compliance.kaldi as kaldi
 
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"audio must be resampled to {SAMPLE_RATE} Hz first (got {sample_rate})")
-    wave = torch.as_tensor(waveform, dtype=torch.float32)
+    wave = torch.as_tensor(waveform, dtype=torch.float32).clone()  # the clips below change it in place
     wave = wave.reshape(1, -1) if wave.ndim == 1 else wave
     clips = []
     for start, end in clip_windows(wave.shape[1] / sample_rate, AUDIO_CLIPS):
-        segment = wave[:, int(start * sample_rate) : int(end * sample_rate)]
-        segment = segment - segment.mean()
+        segment = wave[:, int(start * sample_rate) : int(end * sample_rate)]  # a view
+        segment -= segment.mean()
         fbank = kaldi.fbank(
             segment, htk_compat=True, sample_frequency=sample_rate, use_energy=False, window_type="hanning",
             num_mel_bins=MEL_BINS, dither=0.0, frame_length=25, frame_shift=10,
@@ -173,8 +178,10 @@ def video_frame_indices(n_frames: int, fps: float) -> np.ndarray:
     duration = n_frames / fps
     out = np.zeros((VIDEO_CLIPS, FRAMES_PER_CLIP), dtype=np.int64)
     for c, (start, end) in enumerate(clip_windows(duration, VIDEO_CLIPS)):
-        first = min(int(np.ceil(start * fps - 1e-6)), n_frames - 1)
-        last = max(first, min(int(np.ceil(end * fps - 1e-6)) - 1, n_frames - 1))
+        # pytorchvideo's decord `get_clip`: frames ceil(fps x start) .. ceil(fps x end) - 1, where a float
+        # times a Fraction is a float
+        first = min(math.ceil(fps * start), n_frames - 1)
+        last = max(first, min(math.ceil(fps * end) - 1, n_frames - 1))
         out[c] = np.round(np.linspace(first, last, FRAMES_PER_CLIP)).astype(np.int64)
     return out
 

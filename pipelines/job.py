@@ -45,8 +45,9 @@ from pipelines.meld import Utterance, read_splits
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "4"  # 2: active-speaker stage replaces the largest-face crop; 3: official numerics, shots;
-# 4: `sync` scores the mouth's opening, not its motion
+PIPELINE_VERSION = "5"  # 2: active-speaker stage replaces the largest-face crop; 3: official numerics, shots;
+# 4: `sync` scores the mouth's opening, not its motion; 5: FFmpeg's s16 downmix, the demo's frames, audio
+# delay and track linking (faithful), ImageBind's in-place clip means and Fraction clip windows
 _AUDIO_SHAPE = (AUDIO_CLIPS, 1, MEL_BINS, TARGET_FRAMES)
 _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 

@@ -18,7 +18,9 @@ several clips per call. `speaker_for_clip` runs them all in this process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
 
 import cv2
@@ -85,8 +87,92 @@ def detect_faces(frame_rgb: np.ndarray, min_size: int = 20) -> np.ndarray:
 
 
 def _frame_indices_25fps(n_native: int, native_fps: float) -> np.ndarray:
+    """Fast mode: the source frame nearest in time to each 25-fps frame."""
     times = np.arange(0.0, n_native / native_fps, 1.0 / ASD_FPS)
     return np.minimum(np.round(times * native_fps).astype(int), n_native - 1)
+
+
+# The TalkNet demo's frames are `ffmpeg -i clip -r 25 video.avi` then `ffmpeg -i video.avi -f image2
+# %06d.jpg`. Its AVI's audio is MP3, which starts before 0 by libmp3lame's encoder delay (576 samples)
+# plus the 529 FFmpeg adds: the demo's audio starts with that much silence, and its frames come late.
+DEMO_MP3_DELAY = 1105  # samples at the clip's audio rate
+
+
+def demo_frame_indices(path: str, n_native: int) -> np.ndarray:
+    """Faithful mode: the source frame behind each of the demo's 25-fps frames, as FFmpeg picks them.
+
+    1. Into the AVI FFmpeg converts the rate the `vfr` way (its default for AVI): a frame that falls
+       0.6 of an output frame or more behind is dropped; one that runs ahead takes its own slot.
+    2. The MP3 starting before 0 makes the muxer delay every stream by ceil(delay x 25) frames, but an
+       AVI's first frame is always its first chunk: every later frame comes that many frames late, the
+       skipped slots left empty.
+    3. Out of the AVI into images, `cfr`: an empty slot repeats the next frame (two or more: the one
+       before too), a frame more than 1.1 frames late is dropped.
+    Tests check the result against the demo's own `ffmpeg` commands."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        time_base, rate = stream.time_base, stream.guessed_rate or stream.average_rate
+        start = container.start_time or 0
+        packets = sorted((p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None)
+        audio_rate = container.streams.audio[0].rate if container.streams.audio else None
+    fps = int(ASD_FPS)
+    offset = _rescale(-start, Fraction(1, 1_000_000) / time_base)  # FFmpeg starts a file at its start time
+    times = [_rescale(pts + offset, time_base * fps * 65536) / 65536 for pts, _ in packets]  # 16 extra bits
+    fallback = min(float(fps / rate), 1.0) if rate else 0.0
+    durations = [_round_half_even(float(d * time_base * fps)) or fallback for _, d in packets]
+    delay = -(-DEMO_MP3_DELAY * fps // audio_rate) if audio_rate else 0
+    slots, sources = [], []
+    for source, (slot, _, copies) in enumerate(_ffmpeg_vsync(times, durations, cfr=False)):
+        if copies:
+            slots.append(max(slot + delay, slots[-1] + 1) if slots else 0)
+            sources.append(source)
+    out_of_avi = _ffmpeg_vsync([float(s) for s in slots], [1.0] * len(slots), cfr=True)
+    indices, previous = [], sources[0] if sources else 0
+    for source, (_, repeats, copies) in zip(sources, out_of_avi):
+        indices += [previous] * repeats + [source] * (copies - repeats)
+        previous = source if copies else previous
+    recent = [0, 0, 0] + [repeats for _, repeats, _ in out_of_avi[-3:]]
+    indices += [previous] * sorted(recent[-3:])[1]  # at the end FFmpeg repeats the last frame by the median of 3
+    return np.minimum(np.array(indices, dtype=int), max(n_native - 1, 0))
+
+
+def _ffmpeg_vsync(times: list[float], durations: list[float], cfr: bool) -> list[tuple[int, int, int]]:
+    """FFmpeg's frame-rate conversion (fftools `do_video_out` / `video_sync_process`, methods `cfr` and
+    `vfr`): for each input frame, at its time and duration in output frames, (its first output slot,
+    copies of the frame before it, copies in all). `times` carry FFmpeg's 1/2^17 nudge away from halves."""
+    out, next_slot = [], 0
+    for time, duration in zip(times, durations):
+        time += (1 if time > 0 else -1) / (1 << 17)
+        drift = time - next_slot
+        delta = drift + duration
+        if drift < 0 < delta:  # a frame a little behind is clipped to the next slot
+            time, drift = next_slot, 0.0
+        repeats, copies = 0, 1
+        if cfr:
+            if delta < -1.1:
+                copies = 0
+            elif delta > 1.1:
+                copies = _round_half_even(delta)
+                repeats = _round_half_even(drift - 0.6) if drift > 1.1 else 0
+        elif delta <= -0.6:
+            copies = 0
+        elif delta > 0.6:
+            next_slot = _round_half_even(time)
+        out.append((next_slot, repeats, copies))
+        next_slot += copies
+    return out
+
+
+def _rescale(value: int, factor: Fraction) -> int:
+    """`av_rescale_q`: value x factor rounded to the nearest integer, halves away from zero."""
+    exact = value * factor
+    return int(math.copysign(math.floor(abs(exact) + Fraction(1, 2)), exact))
+
+
+def _round_half_even(x: float) -> int:
+    return int(round(x))  # C's lrint / llrint in the default rounding mode
 
 
 def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np.ndarray, float]:
@@ -105,11 +191,14 @@ def read_small_frames(path: str, short_side: int = SCORE_SHORT_SIDE) -> tuple[np
 
 
 def iter_full_frames(path: str, chunk: int = 32):
-    """(first index, full-resolution RGB frames) at 25 fps, `chunk` frames at a time."""
+    """(first index, full-resolution RGB frames) at 25 fps as the demo's FFmpeg picks them (faithful
+    mode reads only these), `chunk` frames at a time."""
     import decord
 
     reader = decord.VideoReader(path, num_threads=1)
-    indices = _frame_indices_25fps(len(reader), float(reader.get_avg_fps()))
+    indices = demo_frame_indices(path, len(reader))
+    if not len(indices):  # no timestamps to follow FFmpeg by
+        indices = _frame_indices_25fps(len(reader), float(reader.get_avg_fps()))
     for start in range(0, len(indices), chunk):
         yield start, reader.get_batch(indices[start : start + chunk].tolist()).asnumpy()
 
@@ -192,9 +281,9 @@ def haar_faces(frames: np.ndarray) -> list[np.ndarray]:
 
 
 def tracks_from(detections: list[np.ndarray], faithful: bool, cuts: list[int] | tuple = ()) -> list[Track]:
-    """Faithful: tracks of more than 10 detected frames (the demo's rule). Fast: tracks spanning 10 frames."""
+    """Faithful: the demo's linking, tracks of more than 10 detected frames. Fast: tracks spanning 10 frames."""
     if faithful:
-        return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=cuts)
+        return build_tracks(detections, min_length=MIN_TRACK, min_detections=MIN_TRACK, cuts=cuts, like_demo=True)
     return build_tracks(detections, min_length=min(MIN_TRACK, len(detections)), cuts=cuts)
 
 

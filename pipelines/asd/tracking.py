@@ -5,9 +5,12 @@ without a detection (detecting on every k-th frame is fine); tracks shorter than
 are dropped (or, as the demo does, tracks with `min_detections` or fewer detected frames); tracks never
 cross a shot boundary (the demo tracks shot by shot); boxes are linearly interpolated over the gaps, then
 the box centre and size are median smoothed (edges repeat the nearest value); the interpolated, unsmoothed
-boxes are kept too (`raw_boxes`: the demo smooths them its own way when it crops). Unlike the demo, which
-takes the first overlapping detection, a track takes the one that overlaps it most, so two faces passing
-close to each other keep their identities.
+boxes are kept too (`raw_boxes`: the demo smooths them its own way when it crops).
+
+Linking: faithful mode (`link_like_demo`) builds one track at a time as the demo does, so a box that fits
+two open tracks goes to the one started first. merg's own way (`link_detections`) grows all tracks
+together and a track takes the box that overlaps it most, longest tracks choosing first, so two faces
+passing close to each other keep their identities.
 """
 
 from __future__ import annotations
@@ -57,6 +60,32 @@ def link_detections(
     return tracks
 
 
+def link_like_demo(
+    detections: list[np.ndarray], iou_threshold: float = 0.5, max_gap: int = 10
+) -> list[list[tuple[int, np.ndarray]]]:
+    """The TalkNet demo's linking (`track_shot`): one track at a time, each from the first box left.
+
+    A track walks the frames in order and takes, frame by frame, every box that overlaps its last one by
+    more than `iou_threshold` (its first: the first box left), until `max_gap` frames pass without one.
+    Taken boxes are gone for later tracks. As in the demo, whose loop removes a box from the list it is
+    walking, the box right after a taken one is not looked at by this track."""
+    left = [list(np.asarray(boxes, dtype=float).reshape(-1, 4)) for boxes in detections]
+    tracks: list[list[tuple[int, np.ndarray]]] = []
+    while True:
+        track: list[tuple[int, np.ndarray]] = []
+        for frame, boxes in enumerate(left):
+            position = 0
+            while position < len(boxes):
+                if track and frame - track[-1][0] > max_gap:
+                    break
+                if not track or iou(boxes[position], track[-1][1]) > iou_threshold:
+                    track.append((frame, boxes.pop(position)))
+                position += 1
+        if not track:
+            return tracks
+        tracks.append(track)
+
+
 def _smooth(values: np.ndarray, kernel: int) -> np.ndarray:
     # edges repeat the nearest value (scipy.signal.medfilt, as in the demo, pads zeros and drags
     # the first and last boxes towards the origin)
@@ -71,25 +100,28 @@ def build_tracks(
     smooth_kernel: int = 13,
     min_detections: int = 0,
     cuts: list[int] | tuple[int, ...] = (),
+    like_demo: bool = False,
 ) -> list[Track]:
     """Tracks from detections per frame (each an array [k, 4] of boxes, k may be 0), shot by shot.
 
     `cuts`: the first frame of every shot after the first; a shot shorter than `min_length` frames is
     skipped, as the demo skips shots shorter than its `minTrack`. `min_detections`: a track needs more
     detected frames than this (the demo's `len(track) > minTrack`, with faces detected on every frame).
+    `like_demo`: linked by `link_like_demo`, in the demo's order, and kept by `min_detections` alone.
     """
     bounds = [0, *[c for c in sorted(cuts) if 0 < c < len(detections)], len(detections)]
+    link = link_like_demo if like_demo else link_detections
     out = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end - start < min_length:
             continue
-        for linked in link_detections(detections[start:end], iou_threshold, max_gap):
+        for linked in link(detections[start:end], iou_threshold, max_gap):
             if len(linked) <= min_detections:
                 continue
             frames = np.array([f for f, _ in linked]) + start
             boxes = np.stack([b for _, b in linked])
             every = np.arange(frames[0], frames[-1] + 1)
-            if len(every) < min_length:
+            if len(every) < min_length and not like_demo:
                 continue
             filled = np.stack([np.interp(every, frames, boxes[:, i]) for i in range(4)], axis=1)
             cx, cy = (filled[:, 0] + filled[:, 2]) / 2, (filled[:, 1] + filled[:, 3]) / 2

@@ -119,3 +119,68 @@ def test_a_decode_task_that_hands_its_frames_on_requests_more_memory():
     assert decode_memory(1920, 1080, 20, 25, frames_out=True) > decode_memory(1920, 1080, 20, 25)
     # faithful mode also hands on S3FD's 0.25-scale input; fast mode's is made in the S3FD actor
     assert decode_memory(1920, 1080, 20, 25, True, s3fd_input=True) > decode_memory(1920, 1080, 20, 25, True)
+
+
+def _ffmpeg(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *args], check=True)
+
+
+def run_demo_extraction(clip, folder, audio: bool = True) -> tuple:
+    """The TalkNet demo's own commands (TaoRuijie/TalkNet-ASD 6d68214, demoTalkNet.py l.395, l.405,
+    l.411): the clip to a 25-fps AVI (MPEG-4 video, MP3 audio), its audio to a 16 kHz mono wav, its
+    frames to jpgs. Returns (jpg paths in order, wav path or None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    avi, wav = folder / "video.avi", folder / "audio.wav"
+    _ffmpeg("-i", str(clip), "-qscale:v", "2", "-threads", "1", "-async", "1", "-r", "25", str(avi))
+    if audio:
+        _ffmpeg("-i", str(avi), "-qscale:a", "0", "-ac", "1", "-vn", "-threads", "1", "-ar", "16000", str(wav))
+    _ffmpeg("-i", str(avi), "-qscale:v", "2", "-threads", "1", "-f", "image2", str(folder / "%06d.jpg"))
+    return sorted(folder.glob("*.jpg")), wav if audio else None
+
+
+def test_talknet_audio_is_ffmpegs_s16_mono_downmix(tmp_path):
+    """demoTalkNet.py l.405 (`ffmpeg ... -ac 1 ... -ar 16000 audio.wav`: pcm_s16le) and l.202/l.218
+    (`wavfile.read`): TalkNet hears FFmpeg's downmix to int16, which FFmpeg's resampler normalises (0.5 L +
+    0.5 R); to float it does not (0.707 L + 0.707 R: MFCC c0 + ln 2). A stereo AAC clip whose channels
+    differ, and a mono one, against `ffmpeg -ac 1 -ar 16000 -f s16le`: within 1 sample."""
+    stereo, mono = tmp_path / "stereo.mp4", tmp_path / "mono.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=2:sample_rate=48000", "-f", "lavfi", "-i",
+            "anoisesrc=d=2:r=48000:a=0.2:seed=1", "-filter_complex", "[0][1]amerge=inputs=2", "-c:a", "aac", str(stereo))  # fmt: skip
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=2:sample_rate=44100", "-c:a", "aac", str(mono))
+    for path in (stereo, mono):
+        _ffmpeg("-i", str(path), "-ac", "1", "-ar", "16000", "-f", "s16le", str(path.with_suffix(".raw")))
+        expected = np.fromfile(path.with_suffix(".raw"), np.int16).astype(np.int64)
+        ours = read_audio_16k(path) * 32768
+        assert len(ours) == len(expected) and ours.dtype == np.float32
+        assert np.abs(ours - expected).max() <= 1, path.name
+
+
+@pytest.mark.parametrize("audio_offset", [0.0, 0.2])
+def test_faithful_audio_starts_as_late_as_the_demos(tmp_path, audio_offset):
+    """demoTalkNet.py l.395 then l.405: the demo's audio.wav comes out of the MP3 in its AVI, which starts
+    with libmp3lame's encoder delay plus FFmpeg's padding (1105 samples at the clip's rate, 368 at 16 kHz
+    for a 48 kHz clip) of silence, after the silence `-async 1` puts where the audio stream starts late
+    (here 0.178 s: the AAC frame at 0.2 s). Faithful mode's audio starts with them: lined up with the
+    demo's to the sample (cross-correlation), the rest being the MP3's coding."""
+    from scipy.io import wavfile
+    from scipy.signal import correlate
+
+    video, audio, clip = tmp_path / "video.mp4", tmp_path / "audio.m4a", tmp_path / "noise.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=64x48:r=24000/1001:d=3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            str(video))  # fmt: skip
+    _ffmpeg("-f", "lavfi", "-i", "anoisesrc=d=3:r=48000:a=0.3:seed=2,lowpass=3000", "-c:a", "aac", "-ac", "2", str(audio))
+    _ffmpeg("-i", str(video), "-itsoffset", str(audio_offset), "-i", str(audio), "-map", "0:v", "-map", "1:a", "-c", "copy",
+            str(clip))  # fmt: skip
+    _, wav = run_demo_extraction(clip, tmp_path / "demo")
+    demo = wavfile.read(wav)[1].astype(np.float64)
+    late = {0.0: 0, 0.2: 2_848}[audio_offset]
+    for delayed, lag_expected in ((True, 0), (False, 368 + late)):
+        ours = read_audio_16k(clip, demo_delay=delayed).astype(np.float64)
+        n = min(len(ours), len(demo))
+        lag = int(np.argmax(correlate(demo[:n], ours[:n], method="fft"))) - (n - 1)
+        assert lag == lag_expected, delayed
+    ours = read_audio_16k(clip, demo_delay=True)[:n] * 32768
+    lead = 368 + late
+    assert np.abs(ours[: lead - 20]).max() == 0 and np.corrcoef(ours[lead + 40 :], demo[lead + 40 : n])[0, 1] > 0.98

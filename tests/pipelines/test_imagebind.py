@@ -54,6 +54,71 @@ def test_video_frame_indices():
     assert video_frame_indices(30, 30.0).tolist() == [[0, 29]] * 5
 
 
+@pytest.mark.parametrize(
+    "samples, upstream",
+    [
+        (32_046, [(0, 32_000), (22, 32_022), (45, 32_045)]),  # floats: (45, 32_046)
+        (52_800, [(0, 32_000), (10_399, 42_399), (20_799, 52_799)]),  # floats: (10_399, 42_400), (20_799, 52_800)
+        (32_009, [(0, 32_000), (4, 32_004), (9, 32_009)]),
+        (64_001, [(0, 32_000), (16_000, 48_000), (32_001, 64_001)]),
+        (20_000, [(0, 32_000)] * 3),
+    ],
+)
+def test_audio_clip_bounds_are_the_official_samplers_in_fractions(samples, upstream):
+    """facebookresearch/pytorchvideo pytorchvideo/data/clip_sampling.py (6cdc929) l.375-379 and l.402:
+    ConstantClipsPerVideoSampler's starts are Fractions of the float duration (`Fraction(max(duration - 2,
+    0))` / (clips - 1)), ends start + Fraction(2); ImageBind imagebind/data.py (53680b0) l.148-153 cuts
+    samples `int(t * 16000)` of those Fractions. The bounds above are what that code gives; computed in
+    floats, 853 of 2,487 lengths (0.25-6 s, step 37 samples) end one sample apart."""
+    windows = clip_windows(samples / 16_000, 3)
+    assert [(int(start * 16_000), int(end * 16_000)) for start, end in windows] == upstream
+
+
+@pytest.mark.parametrize(
+    "n_frames, fps, upstream",
+    [
+        (51, 25.0, [[0, 49], [1, 50], [1, 50], [1, 50], [2, 50]]),  # 25 x 0.04000000000000004 > 1: frame 2
+        (79, 24_000 / 1001, [[0, 47], [8, 55], [16, 63], [24, 71], [32, 78]]),
+        (100, 30.0, [[0, 59], [11, 69], [21, 80], [30, 89], [41, 99]]),
+    ],
+)
+def test_video_frames_are_the_ones_pytorchvideos_decord_clip_reads(n_frames, fps, upstream):
+    """pytorchvideo/data/encoded_video_decord.py (6cdc929) l.117 (duration = frames / fps) and l.170-173
+    (frames ceil(fps x start) .. ceil(fps x end) - 1 of the sampler's Fraction windows, a float product),
+    then ImageBind data.py l.328 UniformTemporalSubsample(2): the first and the last. The frames above are
+    what that code gives (with a tolerance of 1e-6 on the products, 178 of 1,975 (frames, fps) pairs at
+    23.976-30 fps and 5-399 frames picked another frame)."""
+    assert video_frame_indices(n_frames, fps).tolist() == upstream
+
+
+def test_mean_removal_acts_in_place_on_the_whole_waveform_as_imagebind():
+    """facebookresearch/ImageBind imagebind/data.py (53680b0) l.34 `waveform -= waveform.mean()` runs on
+    the view l.148-153 cuts out of the loaded waveform: under 6 s the 3 clips overlap, and a later clip
+    loses the earlier clips' means too. A 3.3 s stereo clip with a DC offset: clips 2 and 3 differ from
+    clips whose means are removed one by one (~1 fbank unit), and equal upstream's in-place loop."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    rng = np.random.default_rng(0)
+    wave = (rng.normal(scale=0.05, size=(2, 52_800)) + [[0.02], [0.01]]).astype(np.float32)
+    before = wave.copy()
+    features = audio_features(wave)
+    np.testing.assert_array_equal(wave, before)  # the caller's samples are left alone
+
+    def fbank(segment):
+        bank = kaldi.fbank(segment, htk_compat=True, sample_frequency=16_000, use_energy=False, window_type="hanning",
+                           num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10).T  # fmt: skip
+        return ((bank[:, :204] - AUDIO_MEAN) / AUDIO_STD).numpy()
+
+    in_place, one_by_one = torch.from_numpy(before.copy()), torch.from_numpy(before)
+    for clip, (start, end) in enumerate([(0, 32_000), (10_399, 42_399), (20_799, 52_799)]):
+        view = in_place[:, start:end]
+        view -= view.mean()  # upstream's way: the shared samples stay changed for the next clip
+        np.testing.assert_allclose(features[clip, 0, :, :198], fbank(view)[:, :198], rtol=1e-5, atol=1e-4)
+        alone = one_by_one[:, start:end]
+        gap = np.abs(features[clip, 0, :, :198] - fbank(alone - alone.mean())[:, :198]).max()
+        assert gap < 1e-4 if clip == 0 else gap > 0.3, (clip, gap)
+
+
 def test_vision_inputs_normalisation_and_crops():
     frames = np.full((5, 2, 224, 398, 3), 128, np.uint8)
     x = vision_inputs(frames)

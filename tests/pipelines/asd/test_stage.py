@@ -98,3 +98,40 @@ def test_one_face_changing_alone_is_no_cut():
 
     frames, detections = _two_faces(30, swap_at=17, swap_both=False)
     assert look_cuts(frames, detections, []) == []
+
+
+def _frame_label(image: np.ndarray) -> int:
+    """The frame number a labelled test frame shows: N mod 16 on its left half, N // 16 on its right, as
+    grey levels 16 apart (they survive the demo's MPEG-4 and JPEG at q 2)."""
+    grey = image.astype(float).mean(-1)
+    low, high = grey[8:40, 4:28].mean(), grey[8:40, 36:60].mean()
+    return int(round((low - 8) / 16)) + 16 * int(round((high - 8) / 16))
+
+
+@pytest.mark.parametrize(
+    "rate, audio_rate",
+    [("24000/1001", 48_000), ("30", 48_000), ("30000/1001", 16_000), ("25", None)],
+)
+def test_faithful_frames_are_the_ones_the_demos_ffmpeg_picks(tmp_path, rate, audio_rate):
+    """demoTalkNet.py (TaoRuijie/TalkNet-ASD 6d68214) l.395 `ffmpeg -i clip ... -r 25 video.avi` and l.411
+    (its frames to jpgs): FFmpeg converts the rate into an AVI the `vfr` way, the AVI's MP3 (starting
+    1105 samples early) delays every frame after the first by ceil(1105 x 25 / rate) frames, and the jpgs
+    fill the empty slots `cfr`. Faithful mode reads the same source frames: lossless clips whose frames
+    show their numbers, at 23.976 and 30 fps with 48 kHz audio (the demo's frames are not the nearest in
+    time: 60 of 66 and 63 of 65 differ), 29.97 fps with 16 kHz audio (2 frames late), 25 fps without audio."""
+    import cv2
+
+    from pipelines.asd.stage import iter_full_frames
+    from tests.pipelines.test_decode import _ffmpeg, run_demo_extraction
+
+    clip = tmp_path / "numbered.mp4"
+    label = "if(lt(X,32),mod(N,16)*16+8,floor(N/16)*16+8)"
+    numbered = f"color=c=black:s=64x48:r={rate}:d=2.6,format=gray,geq=lum='{label}'"
+    sine = f"sine=frequency=300:duration=2.6:sample_rate={audio_rate}"
+    audio = ["-f", "lavfi", "-i", sine, "-c:a", "aac"] if audio_rate else []
+    _ffmpeg("-f", "lavfi", "-i", numbered, *audio, "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv420p", str(clip))
+    jpgs, _ = run_demo_extraction(clip, tmp_path / "demo", audio=audio_rate is not None)
+    demo = [_frame_label(cv2.imread(str(path))) for path in jpgs]
+    ours = [_frame_label(frame) for _, chunk in iter_full_frames(str(clip), chunk=16) for frame in chunk]
+    assert ours == demo
+    assert len(set(demo)) > 0.9 * len(demo)  # the labels read back: mostly distinct frames

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.asd.tracking import build_tracks, iou
+from pipelines.asd.tracking import build_tracks, iou, link_detections, link_like_demo
 
 
 def _box(cx, cy, size=40.0):
@@ -92,3 +92,98 @@ def test_tracks_never_cross_a_shot_cut():
     tracks = build_tracks(detections, cuts=[25, 55])
     assert [(t.frames[0], t.frames[-1]) for t in tracks] == [(0, 24), (25, 54)]  # the 5-frame shot is skipped
     assert all(t.raw_boxes is not None and t.raw_boxes.shape == t.boxes.shape for t in tracks)
+
+
+def test_faithful_linking_gives_a_contested_box_to_the_track_started_first():
+    """demoTalkNet.py `track_shot` l.133-147 (TaoRuijie/TalkNet-ASD 6d68214): the demo builds one track at
+    a time, so a box that fits two open tracks goes to the one started first. Face A (frames 0-5) is
+    missed from frame 6; face B appears beside it at frame 6 (IoU 1/3 with A) and is missed from frame
+    15, where one box overlaps both A's and B's last box by 0.6: the demo gives it (and the face's next
+    frames) to A; merg's own linking to B, the longer track."""
+    a, b, between = _box(100, 100), _box(120, 100), _box(110, 100)
+    detections = [np.array([a])] * 6 + [np.array([b])] * 9 + [np.array([between])] * 10
+    demo = [[f for f, _ in t] for t in link_like_demo(detections)]
+    assert demo == [[*range(6), *range(15, 25)], list(range(6, 15))]
+    merg = [[f for f, _ in t] for t in link_detections(detections)]
+    assert merg == [list(range(6)), list(range(6, 25))]
+    tracks = build_tracks(detections, min_length=10, min_detections=10, like_demo=True)
+    assert [(t.frames[0], t.frames[-1]) for t in tracks] == [(0, 24)]  # B's 9 detections are too few
+    np.testing.assert_allclose(tracks[0].raw_boxes[10], _box(105, 100))  # halfway through A's gap
+
+
+def _iou_as_the_demo(a, b) -> float:  # demoTalkNet.py l.114-127, evalCol off
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _demo_tracks(detections, min_track=10, max_missed=10, threshold=0.5):
+    """demoTalkNet.py `track_shot` l.129-161, restated: tracks built one by one from face dicts, each taken
+    face removed from its frame's list while that list is being walked (so the face after it is skipped
+    by this track), kept with more than `min_track` faces, boxes `interp1d` over the frames they span."""
+    from scipy.interpolate import interp1d
+
+    frames = [[{"frame": f, "bbox": [float(v) for v in box]} for box in boxes] for f, boxes in enumerate(detections)]
+    kept = []
+    while True:
+        chain = []
+        for faces in frames:
+            for face in faces:
+                if not chain:
+                    chain.append(face)
+                    faces.remove(face)
+                elif face["frame"] - chain[-1]["frame"] > max_missed:
+                    break
+                elif _iou_as_the_demo(face["bbox"], chain[-1]["bbox"]) > threshold:
+                    chain.append(face)
+                    faces.remove(face)
+        if not chain:
+            return kept
+        if len(chain) > min_track:
+            numbers = np.array([face["frame"] for face in chain])
+            boxes = np.array([face["bbox"] for face in chain])
+            span = np.arange(numbers[0], numbers[-1] + 1)
+            kept.append((span, np.stack([interp1d(numbers, boxes[:, i])(span) for i in range(4)], axis=1)))
+
+
+def _random_scene(rng, nms: bool, frames: int = 60) -> list[np.ndarray]:
+    """2-3 faces crossing on straight lines, 2 px jitter, 15% missed detections, boxes in random order
+    (`nms`: by a random confidence, each box dropped that overlaps a more confident one by > 0.3, as S3FD)."""
+    n = int(rng.integers(2, 4))
+    start, end = rng.uniform(60, 260, (n, 2)), rng.uniform(60, 260, (n, 2))
+    size = rng.uniform(40, 70, n)
+    out = []
+    for t in range(frames):
+        centre = start + (end - start) * t / (frames - 1) + rng.normal(0, 2, (n, 2))
+        boxes = [_box(*centre[i], size[i]) for i in range(n) if rng.random() > 0.15]
+        order = rng.permutation(len(boxes))
+        boxes = [boxes[i] for i in order]
+        if nms:
+            kept = []
+            for box in boxes:  # already in (random) confidence order
+                if all(iou(box, other) <= 0.3 for other in kept):
+                    kept.append(box)
+            boxes = kept
+        out.append(np.array(boxes).reshape(-1, 4))
+    return out
+
+
+@pytest.mark.parametrize("nms", [True, False])
+def test_faithful_tracks_are_the_demos_on_random_crossing_faces(nms):
+    """demoTalkNet.py `track_shot` l.129-161: 150 random scenes of crossing faces with missed detections,
+    with and without S3FD's NMS (without it, a frame can hold two boxes that both fit a track, and the
+    demo's removal while walking a list shows). Faithful tracks are the demo's, in its order, to float
+    tolerance; merg's own linking (the best overlap, longest track first) is not, in some scenes."""
+    rng = np.random.default_rng(26)
+    differs = 0
+    for _ in range(150):
+        detections = _random_scene(rng, nms)
+        expected = _demo_tracks([d.copy() for d in detections])
+        tracks = build_tracks(detections, min_length=10, min_detections=10, like_demo=True)
+        assert [t.frames.tolist() for t in tracks] == [span.tolist() for span, _ in expected]
+        for track, (_, boxes) in zip(tracks, expected):
+            np.testing.assert_allclose(track.raw_boxes, boxes, rtol=0, atol=1e-9)
+        own = build_tracks(detections, min_length=10, min_detections=10)
+        differs += [t.frames.tolist() for t in own] != [t.frames.tolist() for t in tracks] or any(
+            not np.allclose(a.raw_boxes, b.raw_boxes) for a, b in zip(own, tracks)
+        )
+    assert differs > 0
