@@ -335,11 +335,21 @@ class Store:
         table = self.read_records(TARGETS, build_filter(where, kind=kind, split=split), columns, version)
         return table.sort_by("key") if "key" in table.column_names else table
 
-    def clear_failures(self, keys: Sequence[str], stage: str | None = None) -> None:
-        """Forget failures of `keys` (e.g. once a re-run processed them)."""
+    def clear_failures(
+        self, keys: Sequence[str], stage: str | Sequence[str] | None = None, keep: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Forget failures of `keys` (e.g. once a re-run processed them), of `stage` (one or several) if
+        given, except the (key, stage) records in `keep`: the failures this attempt saw again, so that a
+        key that still fails keeps its reason."""
         self._writable()
+        kept: dict[str, list[str]] = {}
+        for key, kept_stage in keep:
+            kept.setdefault(key, []).append(kept_stage)
         if keys:
             condition = build_filter(key=list(keys), stage=stage)
+            if kept:
+                spared = " OR ".join(f"({build_filter(key=k, stage=s)})" for k, s in sorted(kept.items()))
+                condition = f"{condition} AND NOT ({spared})"
             _retry_on_conflict(lambda: self._failures().delete(condition), "clear_failures")
 
     # ---- reads ----------------------------------------------------------------------------------
