@@ -132,8 +132,10 @@ def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
     with container:
         video = next(iter(container.streams.video), None)
         audio = next(iter(container.streams.audio), None)
-        if video is None:
-            return ClipProbe(False, "no_video_stream", has_audio=audio is not None)
+        if video is None:  # audio only: its sound can still be embedded
+            duration = container.duration / av.time_base if container.duration else None
+            detail = "audio only; no frames" if audio is not None else "neither video nor audio"
+            return ClipProbe(False, "no_video_stream", detail, duration=duration, has_audio=audio is not None)
         fps, duration = _rate_and_duration(container, video)
         n_frames = video.frames or (round(duration * fps) if duration and fps else None)
         info = dict(
