@@ -408,10 +408,10 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     rejected: set[str] = set()
     for i in range(0, len(todo_text), text_batch):
         rejected |= _write(store, [meta[r.key] for r in todo_text[i : i + text_batch]], report)
-    missing = [(r.key, "read", "missing_file", "CSV row without a clip") for r in todo_text if r.clip_status == "missing"]
+    unusable = [(r.key, "read", *r.clip_failure) for r in todo_text if r.clip_failure is not None]  # missing, refused
     # only reading and storing were tried again here: a text-only pass leaves media failures alone
-    _settle_failures(store, [r.key for r in todo_text], missing, rejected, failed_before, stages=["read", "store"])
-    report.failures.update(("read", "missing_file") for _ in missing)
+    _settle_failures(store, [r.key for r in todo_text], unusable, rejected, failed_before, stages=["read", "store"])
+    report.failures.update((stage, reason) for _, stage, reason, _ in unusable)
     report.text_only = sum(r.key not in rejected for r in todo_text)
 
     if todo_media:

@@ -309,3 +309,36 @@ def test_a_bad_label_with_a_clip_stays_failed_on_every_rerun(mini_meld, tmp_path
         assert report.failures == {("store", "unknown_emotion"): 1}, run
         assert _where_is(store, bad) == (False, {"unknown_emotion"}), run
         assert _where_is(store, good) == (True, set())
+
+
+def test_a_clip_linked_out_of_the_meld_root_is_refused_unread(mini_meld, tmp_path):
+    """issue 27 item 4: a clip that is a link leading out of the MELD root (here to a private file) is
+    refused as `outside_root` before anything reads it, and none of its bytes reach the store; a link
+    within the root is followed."""
+    from pipelines.meld import read_splits, summarize
+
+    truth = read_ground_truth(mini_meld)
+    clip = next(mini_meld / t["clip"] for t in truth.values() if t["fault"] is None and t["clip"])
+    secret = tmp_path / "elsewhere" / "hostname"
+    secret.parent.mkdir()
+    secret.write_bytes(b"vm\nsecret-host\n")
+    root, store = tmp_path / "meld", tmp_path / "store"
+    out, inside = _write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")], clip)
+    out_path, inside_path = root / "dev_splits_complete" / "dia0_utt0.mp4", root / "dev_splits_complete" / "dia0_utt1.mp4"
+    out_path.unlink()
+    out_path.symlink_to(secret)
+    (root / "kept.mp4").write_bytes(inside_path.read_bytes())
+    inside_path.unlink()
+    inside_path.symlink_to(root / "kept.mp4")
+
+    records = {r.key: r for r in read_splits(root, ["dev"])["dev"].records}
+    assert records[out.key].clip_status == "outside_root" and records[out.key].clip_path is None
+    assert records[inside.key].clip_status == "found"
+    assert ("outside_root" in {reason for _, reason, _ in summarize(read_splits(root, ["dev"]), probe=False).problems})
+
+    report = run_preprocess(_config(root, store, "preprocess.splits=[dev]", "preprocess.no_media=true"))
+    assert report.failures == {("read", "outside_root"): 1}
+    (failure,) = Store.open(store).failures().to_pylist()
+    assert failure["key"] == out.key and failure["reason"] == "outside_root" and "outside the MELD root" in failure["detail"]
+    assert "secret-host" not in failure["detail"] and "vm\\n" not in failure["detail"]
+    assert Store.open(store).keys() == {out.key, inside.key}  # the row itself is kept, text only
