@@ -344,7 +344,7 @@ class Trainer:
                 shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self._write_run_files()
         self.engine.train()
-        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main)
+        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main, from_step=self.step)
         stopped_early = self._patience_exhausted()  # a resumed run that had stopped stays stopped
         last_loss, first_step = None, self.step
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
