@@ -251,7 +251,7 @@ def test_job_scores_speakers_in_a_talknet_actor_stage(mini_meld, tmp_path, ray_s
     assert not {reason for stage, reason in report.failures if stage == "speaker"}
 
 
-def _write_meld(root, split: str, labels: list[tuple[str, str]], clip=None) -> list:
+def write_meld(root, split: str, labels: list[tuple[str, str]], clip=None) -> list:
     """A one-dialogue MELD root: a CSV row per (emotion, sentiment), each row a copy of `clip` (if given)."""
     import csv
     import shutil
@@ -282,14 +282,14 @@ def test_a_bad_label_stays_failed_on_every_text_only_rerun_and_is_forgotten_once
     summary counts only rows really written, and once the CSV is corrected the key is stored and its
     failure record gone."""
     root, store = tmp_path / "meld", tmp_path / "store"
-    bad, good = (r.key for r in _write_meld(root, "dev", [("happy", "positive"), ("joy", "positive")]))
+    bad, good = (r.key for r in write_meld(root, "dev", [("happy", "positive"), ("joy", "positive")]))
     config = _config(root, store, "preprocess.splits=[dev]", "preprocess.no_media=true")
     for run in range(3):
         report = run_preprocess(config)
         assert report.text_only == (1 if run == 0 else 0), run  # the rejected row is not "written"
         assert report.failures == {("store", "unknown_emotion"): 1}
         assert _where_is(store, bad) == (False, {"unknown_emotion"}) and _where_is(store, good) == (True, set())
-    _write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")])
+    write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")])
     assert run_preprocess(config).text_only == 1
     assert _where_is(store, bad) == (True, set())
 
@@ -301,7 +301,7 @@ def test_a_bad_label_with_a_clip_stays_failed_on_every_rerun(mini_meld, tmp_path
     truth = read_ground_truth(mini_meld)
     clip = next(mini_meld / t["clip"] for t in truth.values() if t["fault"] is None and t["clip"])
     root, store = tmp_path / "meld", tmp_path / "store"
-    bad, good = (r.key for r in _write_meld(root, "dev", [("ecstatic", "positive"), ("joy", "positive")], clip))
+    bad, good = (r.key for r in write_meld(root, "dev", [("ecstatic", "positive"), ("joy", "positive")], clip))
     config = _config(root, store, "preprocess.splits=[dev]")
     for run in range(3):
         report = run_preprocess(config)
@@ -323,7 +323,7 @@ def test_a_clip_linked_out_of_the_meld_root_is_refused_unread(mini_meld, tmp_pat
     secret.parent.mkdir()
     secret.write_bytes(b"vm\nsecret-host\n")
     root, store = tmp_path / "meld", tmp_path / "store"
-    out, inside = _write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")], clip)
+    out, inside = write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")], clip)
     out_path, inside_path = root / "dev_splits_complete" / "dia0_utt0.mp4", root / "dev_splits_complete" / "dia0_utt1.mp4"
     out_path.unlink()
     out_path.symlink_to(secret)
