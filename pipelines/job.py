@@ -412,7 +412,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     # only reading and storing were tried again here: a text-only pass leaves media failures alone
     _settle_failures(store, [r.key for r in todo_text], unusable, rejected, failed_before, stages=["read", "store"])
     report.failures.update((stage, reason) for _, stage, reason, _ in unusable)
-    report.text_only = sum(r.key not in rejected for r in todo_text)
+    report.text_only = len({r.key for r in todo_text} - rejected)  # rows the store took (a repeated key once)
 
     if todo_media:
         media_started = time.perf_counter()
@@ -447,6 +447,7 @@ def _run_media(
         batch_size=pc.batch_size, batch_format="numpy",
     )  # fmt: skip
     ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
+    embedded: set[str] = set()  # keys stored with an embedding: what the summary counts
     with progress_bar("preprocessing clips", len(items)) as advance:
         for batch in ds.iter_batches(batch_size=pc.write_batch, batch_format="numpy"):
             keys = [str(k) for k in batch["key"]]
@@ -459,5 +460,6 @@ def _run_media(
             _settle_failures(store, keys, failed, rejected, failed_before)
             report.failures.update((s, r) for _, s, r, _ in failed)
             has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
-            report.embedded += sum(bool(h) and k not in rejected for k, h in zip(keys, has_any))  # rows really stored
+            embedded.update(k for k, h in zip(keys, has_any) if h and k not in rejected)
+            report.embedded = len(embedded)
             advance(len(keys))
