@@ -43,13 +43,16 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster (`address`, e.g. "auto") or start a local one; once per process."""
+    """Connect to a Ray cluster (`address`, e.g. "auto") or start a local one; once per process. A
+    local one is watched so that it does not outlive this process (`watch_local_ray`)."""
     import ray
 
     if ray.is_initialized():
         return
     configure_offline()
-    kwargs: dict = dict(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    # "local": a new Ray of this process's own, not whatever `ray start` cluster runs on the machine
+    # (which `address=None` would join, and with `num_cpus` refuse)
+    kwargs: dict = dict(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     if address is None:
         kwargs["num_cpus"] = num_cpus
     # Workers inherit the offline settings; the project root goes with them so that stages import.
@@ -81,7 +84,7 @@ def watch_local_ray() -> subprocess.Popen | None:
             roots.append(identity(psutil.Process(pid)))
         except psutil.Error:
             continue
-    if not roots:
+    if not roots:  # (Ray keeps no such record where it joined a running instance: nothing of ours to watch)
         logging.getLogger(__name__).warning("no record of the Ray processes ray.init started: they are not watched")
         return None
     args = [f"{pid}:{started!r}" for pid, started in (identity(psutil.Process()), *roots)]
@@ -89,7 +92,7 @@ def watch_local_ray() -> subprocess.Popen | None:
         [sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), *args], stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    _watchdogs.append(watchdog)
+    _watchdogs[:] = [w for w in _watchdogs if w.poll() is None] + [watchdog]  # (polling reaps finished ones)
     return watchdog
 
 

@@ -64,6 +64,7 @@ def test_resume_continues_the_loss_curve_exactly(dialogue_store, tiny_llm, tmp_p
     assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_resume_past_the_last_logged_step_keeps_one_metrics_row_per_step(dialogue_store, tiny_llm, tmp_path):
     """issue 27 item 6: killed at step 3 with its last checkpoint at step 2, a resumed run replays step 3;
     metrics.jsonl then holds steps 1, 2, 3, 4 (not 1, 2, 3, 3, 4)."""
