@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +73,10 @@ class StoreDamaged(StoreError):
 
 class StoreReadOnly(StoreError):
     pass
+
+
+class BadFilter(StoreError, ValueError):
+    """A `where` filter Lance cannot parse or resolve against the table."""
 
 
 @dataclass
@@ -157,6 +162,8 @@ class Store:
         """Open the store at `root`; with `create`, make it (empty) first if absent."""
         root = Path(root)
         uri = root / f"{UTTERANCES}.lance"
+        if root.exists() and not root.is_dir():
+            raise StoreNotFound(f"{root} is a file, not a merg store folder: point --store at a folder")
         if not uri.exists() and not create:
             raise StoreNotFound(
                 f"no merg store at {root} (expected {uri}); create one with `merg preprocess --store {root}`"
@@ -226,6 +233,23 @@ class Store:
 
     def _failures(self) -> lance.LanceDataset:
         return self._dataset(FAILURES)
+
+    @contextmanager
+    def _reading(self, name: str, where: str | None = None):
+        """Lance's errors while reading table `name`, in one line: a `where` it cannot use names that
+        filter; an I/O error (a truncated or vanished data file) is damage naming the table."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (ValueError, OSError) as exc:
+            text = str(exc)
+            if where and text.startswith("Invalid user input"):
+                why = _LANCE_SOURCE.sub("", text.splitlines()[0]).removeprefix("Invalid user input: ")
+                raise BadFilter(f"the filter {where!r} does not work on the store's {name!r} table: {why[:300]}") from exc
+            if _DATA_DAMAGE.search(text) and not _DISK_FAULT.search(text):
+                raise damaged_table(self.root / f"{name}.lance", exc) from exc
+            raise
 
     @property
     def version(self) -> int:
@@ -324,7 +348,8 @@ class Store:
         if not _has_commits(self.root / f"{name}.lance"):
             schema = RECORD_TABLES[name][0]
             return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
-        return self._dataset(name, version).to_table(filter=where, columns=list(columns) if columns else None)
+        with self._reading(name, where):
+            return self._dataset(name, version).to_table(filter=where, columns=list(columns) if columns else None)
 
     def targets(
         self, kind: str, *, split: str | Sequence[str] | None = None, where: str | None = None,
@@ -335,11 +360,21 @@ class Store:
         table = self.read_records(TARGETS, build_filter(where, kind=kind, split=split), columns, version)
         return table.sort_by("key") if "key" in table.column_names else table
 
-    def clear_failures(self, keys: Sequence[str], stage: str | None = None) -> None:
-        """Forget failures of `keys` (e.g. once a re-run processed them)."""
+    def clear_failures(
+        self, keys: Sequence[str], stage: str | Sequence[str] | None = None, keep: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Forget failures of `keys` (e.g. once a re-run processed them), of `stage` (one or several) if
+        given, except the (key, stage) records in `keep`: the failures this attempt saw again, so that a
+        key that still fails keeps its reason."""
         self._writable()
+        kept: dict[str, list[str]] = {}
+        for key, kept_stage in keep:
+            kept.setdefault(key, []).append(kept_stage)
         if keys:
             condition = build_filter(key=list(keys), stage=stage)
+            if kept:
+                spared = " OR ".join(f"({build_filter(key=k, stage=s)})" for k, s in sorted(kept.items()))
+                condition = f"{condition} AND NOT ({spared})"
             _retry_on_conflict(lambda: self._failures().delete(condition), "clear_failures")
 
     # ---- reads ----------------------------------------------------------------------------------
@@ -359,9 +394,10 @@ class Store:
         condition = build_filter(
             where, emotion=emotion, sentiment=sentiment, split=split, speaker=speaker, face_visible=face_visible
         )
-        return self._utterances().to_table(
-            columns=list(columns) if columns else None, filter=condition, limit=limit
-        )
+        with self._reading(UTTERANCES, where):
+            return self._utterances().to_table(
+                columns=list(columns) if columns else None, filter=condition, limit=limit
+            )
 
     def torch_dataset(
         self, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, **query: Any
@@ -376,13 +412,16 @@ class Store:
 
     def keys(self, where: str | None = None) -> set[str]:
         """Keys present (e.g. to skip finished work in a re-run)."""
-        return set(self._utterances().to_table(columns=["key"], filter=where).column("key").to_pylist())
+        with self._reading(UTTERANCES, where):
+            return set(self._utterances().to_table(columns=["key"], filter=where).column("key").to_pylist())
 
     def failures(self, where: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        return self._failures().to_table(filter=where, columns=list(columns) if columns else None)
+        with self._reading(FAILURES, where):
+            return self._failures().to_table(filter=where, columns=list(columns) if columns else None)
 
     def vector_of(self, key: str, column: str = "fused_emb") -> np.ndarray:
-        table = self._utterances().to_table(columns=[column], filter=build_filter(key=key))
+        with self._reading(UTTERANCES):
+            table = self._utterances().to_table(columns=[column], filter=build_filter(key=key))
         if table.num_rows == 0:
             raise KeyError(f"no utterance {key!r} in the store")
         vector = table.column(column)[0].as_py()
@@ -449,9 +488,10 @@ class Store:
             nearest.update(nprobes=nprobes)
             if refine_factor:
                 nearest["refine_factor"] = refine_factor
-        table = dataset.to_table(
-            columns=[*columns, "_distance"], filter=where or None, prefilter=bool(where), nearest=nearest
-        )
+        with self._reading(UTTERANCES, where):
+            table = dataset.to_table(
+                columns=[*columns, "_distance"], filter=where or None, prefilter=bool(where), nearest=nearest
+            )
         if exclude:
             table = table.filter(pc.not_equal(table.column("key"), exclude)).slice(0, k)
         return table
@@ -463,6 +503,10 @@ class Store:
         )
 
     def stats(self) -> StoreStats:
+        with self._reading(UTTERANCES):
+            return self._stats()
+
+    def _stats(self) -> StoreStats:
         dataset = self._utterances()
         table = dataset.to_table(columns=["split", "emotion", "face_visible"])
         by_split_emotion: dict[str, Counter] = {}
@@ -474,7 +518,8 @@ class Store:
         with_embeddings = {
             c: dataset.count_rows(filter=f"{c} IS NOT NULL") for c in EMBEDDING_COLUMNS
         }
-        failures = self._failures().to_table(columns=["stage", "reason"])
+        with self._reading(FAILURES):
+            failures = self._failures().to_table(columns=["stage", "reason"])
         return StoreStats(
             version=dataset.version,
             rows=table.num_rows,
@@ -491,15 +536,16 @@ class Store:
         tags_by_version: dict[int, list[str]] = {}
         for name, info in self.tags().items():
             tags_by_version.setdefault(info, []).append(name)
-        return [
-            dict(
-                version=v["version"],
-                timestamp=v["timestamp"],
-                rows=self._dataset(UTTERANCES, v["version"]).count_rows(),
-                tags=sorted(tags_by_version.get(v["version"], [])),
-            )
-            for v in dataset.versions()
-        ]
+        with self._reading(UTTERANCES):
+            return [
+                dict(
+                    version=v["version"],
+                    timestamp=v["timestamp"],
+                    rows=self._dataset(UTTERANCES, v["version"]).count_rows(),
+                    tags=sorted(tags_by_version.get(v["version"], [])),
+                )
+                for v in dataset.versions()
+            ]
 
     def tags(self) -> dict[str, int]:
         return {name: info["version"] for name, info in self._dataset(UTTERANCES).tags.list().items()}
@@ -561,6 +607,9 @@ def _loose_table(rows: list[dict]) -> pa.Table:
 
 # ---- machine faults: a damaged table, a store that cannot be written ------------------------------
 _LANCE_SOURCE = re.compile(r",\s*/\S+\.rs:\d+:\d+")  # lance appends its Rust source locations
+# a data file that cannot be read back: truncated ("failed to fill whole buffer"), gone, corrupt
+_DATA_DAMAGE = re.compile(r"LanceError\((IO|Corrupt\w*)\)|failed to fill whole buffer|Not found: ")
+_DISK_FAULT = re.compile(r"No space left|os error 28|Read-only file system|os error 30|Permission denied")
 _TABLE_IN_MESSAGE = re.compile(r"(/?[^\s'\"]*?([A-Za-z_]\w*)\.lance)/(?:data|_versions|_deletions|_indices|_transactions)\b")
 
 
@@ -635,6 +684,9 @@ def check_writable(root: Path | str) -> None:
     """Refuse at once when the store's folder cannot be written (read-only mount, no permission)."""
     root = Path(root)
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():  # not a permission problem: nothing can be stored (or read) there
+        what = f"{root} is a file" if existing == root else f"{existing} (on the way to {root}) is a file"
+        raise StoreNotFound(f"{what}, not a folder: no store can be made there; point --store at a folder")
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".merg-write-check-"):
             pass

@@ -7,7 +7,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -45,10 +45,26 @@ def _config(config: Path | None, overrides: list[str] | None, **fields: object) 
     try:
         return load_config(config, explicit + list(overrides or []))
     except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        _refuse(exc)
 
 
-_state = {"verbose": False}
+_state: dict = {"verbose": False, "argv": []}
+
+
+def _refuse(problem: BaseException | str) -> NoReturn:
+    """Input the command cannot use (an option, a path, a store without the data asked for): one line
+    and the log path, as for every failure, then the usage-error status 2. A damaged store is no input
+    problem: it goes on to the one-line damage report (status 1)."""
+    from featurestore.store import StoreDamaged
+    from infra.errors import USAGE_EXIT, InvalidInput, report_failure
+
+    if isinstance(problem, StoreDamaged):
+        raise problem
+    try:  # raised, so that the log holds where it was refused (and the cause's own traceback)
+        raise InvalidInput(_one_line_problem(problem)) from (problem if isinstance(problem, BaseException) else None)
+    except InvalidInput as exc:
+        report_failure(exc, _command_name(_state["argv"]), _state["argv"], verbose=_state["verbose"])
+    raise typer.Exit(USAGE_EXIT)
 
 
 @app.callback()
@@ -58,17 +74,30 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     configure_logging(verbose)
 
 
+def _one_line_problem(problem: BaseException | str) -> str:
+    """A problem in one line: a config's validation errors as `field: why; ...`, other lines joined."""
+    from pydantic import ValidationError
+
+    if isinstance(problem, ValidationError):
+        return "invalid config: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problem.errors())
+    return " ".join(line.strip() for line in str(problem).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     """`merg` itself (console script and `python -m infra.cli`): the typer app, with any exception that
-    escapes a command turned into one line, a log file with the traceback, and exit status 1.
-    Usage errors and `typer.Exit` keep typer's own behaviour."""
+    escapes a command turned into one line, a log file with the traceback, and exit status 1 (2 for
+    input a command cannot use, 128 + N for a command stopped by signal N). Typer's own usage errors
+    (an unknown option) and `typer.Exit` keep typer's behaviour."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _state["argv"] = args
     try:
         app(args=args, prog_name="merg")
     except Exception as exc:  # noqa: BLE001 - nothing may fail silently or with a bare traceback
         from infra.errors import report_failure
 
         sys.exit(report_failure(exc, _command_name(args), args, verbose=_state["verbose"]))
+    finally:
+        _state["argv"] = []  # (a test may call the app directly next)
 
 
 def _command_name(args: list[str]) -> str:
@@ -86,9 +115,12 @@ def _command_name(args: list[str]) -> str:
 
 def _refuse_read_only(store: Path) -> None:
     """Write commands stop before any work when the store's folder cannot be written."""
-    from featurestore.store import check_writable
+    from featurestore.store import StoreNotFound, check_writable
 
-    check_writable(store)
+    try:
+        check_writable(store)
+    except StoreNotFound as exc:  # a file where the folder should be
+        _refuse(exc)
 
 
 @app.command()
@@ -145,8 +177,7 @@ def data_summary(
     try:
         readings = read_splits(meld_root, _split_list(splits))
     except (MeldFormatError, ValueError) as exc:
-        out.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        _refuse(exc)
     summary = summarize(readings, probe=probe)
 
     labels = list(EMOTIONS) + sorted({e for c in summary.emotions.values() for e in c} - set(EMOTIONS))
@@ -252,7 +283,7 @@ def targets_build(
     overrides: SetOpt = None,
 ) -> None:
     """Build `next_utterance` (MELD's next line) or `teacher` (LLM-written empathetic) targets."""
-    from featurestore.store import Store, StoreDamaged, StoreError
+    from featurestore.store import Store, StoreError
     from training import build_targets
 
     cfg = _config(
@@ -262,10 +293,8 @@ def targets_build(
     _refuse_read_only(cfg.paths.store)
     try:
         report = build_targets(Store.open(cfg.paths.store), cfg.targets, cfg.paths.model_cache)
-    except StoreDamaged:
-        raise  # not a parameter problem: the one-line damage report
     except (StoreError, ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        _refuse(exc)
     table = Table(title=f"{report.kind} targets -> {cfg.paths.store}")
     table.add_column("split")
     table.add_column("written", justify="right")
@@ -303,10 +332,10 @@ def train(
         try:
             command = launch_command(launcher, nproc, sys.argv[1:], str(hostfile) if hostfile else None)
         except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
+            _refuse(exc)
         out.print(f"launching: {' '.join(command)}")
         raise typer.Exit(subprocess.run(command).returncode)
-    from featurestore.store import StoreDamaged, StoreError
+    from featurestore.store import StoreError
     from infra.models import ModelNotFound
     from training import train as run_training
     from training.data import DataError
@@ -318,10 +347,8 @@ def train(
     _refuse_read_only(cfg.paths.store)  # a run tags the store version it read
     try:
         report = run_training(cfg)
-    except StoreDamaged:
-        raise  # not a parameter problem: the one-line damage report
     except (StoreError, ModelNotFound, DataError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        _refuse(exc)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 reports
         return
     table = Table(title=f"training done -> {report.run_dir}")
@@ -386,7 +413,7 @@ def evaluate_command(
         evaluate__force=force, evaluate__systems=json.dumps(systems) if systems else None,
     )  # fmt: skip
     if not cfg.evaluate.systems:
-        raise typer.BadParameter("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
+        _refuse("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
     _refuse_read_only(cfg.paths.store)
     report = evaluate(cfg)
     out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
@@ -409,7 +436,7 @@ def evaluate_train_emotion_classifier(
         out.print(f"already trained in {target} (test weighted-F1 {result['test']['weighted_f1']:.3f}); --force trains again")
         return
     if cfg.paths.meld_text is None:
-        raise typer.BadParameter("needs MELD's annotation CSVs: set paths.meld_text or $MERG_MELD_TEXT")
+        _refuse("needs MELD's annotation CSVs: set paths.meld_text or $MERG_MELD_TEXT")
     result = train_meld_emotion_classifier(cfg.paths.meld_text, target)
     out.print(f"MELD emotion classifier -> {target}: C={result['C']}, dev weighted-F1 {result['dev']['weighted_f1']:.3f}, "
               f"test weighted-F1 {result['test']['weighted_f1']:.3f}, accuracy {result['test']['accuracy']:.3f}")  # fmt: skip
@@ -448,7 +475,7 @@ def probe_command(
 
     unknown = set(feature or []) - set(FEATURES)
     if unknown:
-        raise typer.BadParameter(f"unknown feature(s) {sorted(unknown)}: choose from {', '.join(FEATURES)}")
+        _refuse(f"unknown feature(s) {sorted(unknown)}: choose from {', '.join(FEATURES)}")
     rows = probe(_open_store(store, config=config), feature or FEATURES, force=force)
     header, body = probe_table(rows)
     table = Table(title="emotion probe (test; 95% bootstrap intervals; anchors: MELD text W-F1 0.64-0.70, TelME multimodal 0.674)")
@@ -475,7 +502,7 @@ def report_command(
     try:
         files = report(Store.open(cfg.paths.store), sweep or (cfg.evaluate.sweep if config else None), cfg.evaluate.report_dir)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        _refuse(exc)
     out.print(f"report of {files.cells} cells -> {files.markdown} and {files.html}")
 
 
@@ -500,8 +527,7 @@ def asd_show(
         rows = _open_store(store).query(where=build_filter(key=key), columns=["clip_path"]).to_pylist()
         clip = rows[0]["clip_path"] if rows else None
     if clip is None or not Path(clip).exists():
-        out.print(f"[red]error:[/red] no clip for {key} (pass --meld-root, or preprocess it into the store first)")
-        raise typer.Exit(2)
+        _refuse(f"no clip for {key} (pass --meld-root, or preprocess it into the store first)")
     target = out_png or Path(f"asd_{key.replace('/', '_')}.png")
     result = contact_sheet(clip, target, tiles=tiles)
     out.print(f"{key}: {result.n_tracks} track(s), method {result.method}, score "
@@ -521,12 +547,22 @@ def _open_store(store: Path | None, version: str | None = None, config: Path | N
     try:
         return Store.open(root, version=pinned)
     except (StoreError, FileNotFoundError) as exc:
-        out.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, however long
-        raise typer.Exit(2) from exc
+        _refuse(exc)
 
 
 def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _labels(value: str | None, option: str) -> list[str] | None:
+    """A comma-separated `--emotion`/`--sentiment`/`--split`, each value one of MELD's (else a one-line refusal)."""
+    from featurestore.schema import EMOTIONS, SENTIMENTS, SPLITS
+
+    vocab = {"emotion": EMOTIONS, "sentiment": SENTIMENTS, "split": SPLITS}[option]
+    values = _split_list(value)
+    if unknown := [v for v in values or [] if v not in vocab]:
+        _refuse(f"not a MELD {option} label: {', '.join(map(repr, unknown))}; --{option} takes {', '.join(vocab)}")
+    return values
 
 
 def _print_table(table, title: str, max_width: int = 60) -> None:
@@ -592,7 +628,7 @@ def store_query(
     """Utterances by emotion / sentiment / split / speaker / face visibility / SQL."""
     handle = _open_store(store, version)
     table = handle.query(
-        emotion=_split_list(emotion), sentiment=_split_list(sentiment), split=_split_list(split),
+        emotion=_labels(emotion, "emotion"), sentiment=_labels(sentiment, "sentiment"), split=_labels(split, "split"),
         speaker=_split_list(speaker), face_visible=face_visible, where=where, columns=_split_list(columns),
     )  # fmt: skip
     _print_table(table.slice(0, limit), f"{table.num_rows} matching utterances (showing {min(limit, table.num_rows)})")
@@ -613,8 +649,7 @@ def store_similar(
     try:
         table = handle.similar(key, k=k, where=where, column=column, use_index=False if exact else None)
     except (KeyError, ValueError) as exc:
-        out.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        _refuse(exc)
     _print_table(table, f"{k} nearest to {key} by {column}")
 
 
@@ -651,8 +686,7 @@ def store_index(
     try:
         built = _open_store(store).create_indexes(scalar=True, vectors=vectors, column=column)
     except StoreError as exc:
-        out.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        _refuse(exc)
     for line in built:
         out.print(f"built {line}")
 
@@ -674,8 +708,8 @@ def store_export(
 
     fmt = (fmt or out_file.suffix.lstrip(".")).lower()
     if fmt not in ("parquet", "csv"):
-        raise typer.BadParameter(f"unknown format {fmt!r}: use parquet or csv")
-    table = _open_store(store, version).query(emotion=_split_list(emotion), split=_split_list(split), where=where)
+        _refuse(f"unknown format {fmt!r}: use parquet or csv")
+    table = _open_store(store, version).query(emotion=_labels(emotion, "emotion"), split=_labels(split, "split"), where=where)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
         pq.write_table(table, out_file)

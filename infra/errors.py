@@ -16,6 +16,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 LOG_DIR_ENV = "MERG_LOG_DIR"
+USAGE_EXIT = 2  # the input cannot be used: an option, a path, a filter, a store without the data asked for
+
+
+class InvalidInput(Exception):
+    """A command's input cannot be used; the message says what to pass or run instead."""
+
+
+class Interrupted(Exception):
+    """A command stopped by SIGINT or SIGTERM; the message says where it stopped and how to go on."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number  # the shell's status for a death by that signal
+
+
 _RAY_PREFIX = re.compile(r"^ray::\S+\s*\(.*?\)\s*")
 
 
@@ -64,7 +79,7 @@ def explain(exc: BaseException) -> str:
 
     for cause in _causes(exc):
         text = str(cause)
-        if isinstance(cause, (ToolUnavailable, StoreError)):  # merg's own messages already say what to do
+        if isinstance(cause, (ToolUnavailable, StoreError, InvalidInput, Interrupted)):  # merg's own messages say what to do
             return explain_store_error(cause) or _one_line(text)
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in text or "os error 28" in text:
             where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""
@@ -78,6 +93,15 @@ def explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(str(exc)) or 'no message'}"
 
 
+def exit_status(exc: BaseException) -> int:
+    """1, or 2 for input that cannot be used, or 128 + N for a command stopped by signal N."""
+    from featurestore.store import BadFilter
+
+    if isinstance(exc, Interrupted):
+        return exc.exit_status
+    return USAGE_EXIT if isinstance(exc, (InvalidInput, BadFilter)) else 1
+
+
 def report_failure(exc: BaseException, command: str, argv: list[str], verbose: bool = False) -> int:
     """Print the one-line failure (and the traceback when verbose) to stderr; the exit status to use."""
     log = write_failure_log(command, argv, exc)
@@ -87,4 +111,4 @@ def report_failure(exc: BaseException, command: str, argv: list[str], verbose: b
     print(f"error: {label} failed: {explain(exc)}", file=sys.stderr)
     where = f"full traceback in {log}" if log else "no log written (no writable log folder; set $MERG_LOG_DIR)"
     print(f"  {where}{'' if verbose else ' (--verbose prints it)'}", file=sys.stderr)
-    return 1
+    return exit_status(exc)

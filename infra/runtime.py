@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,20 +43,57 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster (`address`, e.g. "auto") or start a local one; once per process."""
+    """Connect to a Ray cluster (`address`, e.g. "auto") or start a local one; once per process. A
+    local one is watched so that it does not outlive this process (`watch_local_ray`)."""
     import ray
 
     if ray.is_initialized():
         return
     configure_offline()
-    kwargs: dict = dict(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    # "local": a new Ray of this process's own, not whatever `ray start` cluster runs on the machine
+    # (which `address=None` would join, and with `num_cpus` refuse)
+    kwargs: dict = dict(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     if address is None:
         kwargs["num_cpus"] = num_cpus
     # Workers inherit the offline settings; the project root goes with them so that stages import.
     ray.init(**kwargs, runtime_env={"env_vars": {**OFFLINE_ENV}})
+    if address is None:
+        watch_local_ray()
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # the job shows its own bar
+
+
+_watchdogs: list[subprocess.Popen] = []  # held: closing a watchdog's stdin would tell it this process is gone
+
+
+def watch_local_ray() -> subprocess.Popen | None:
+    """Start `infra/ray_watchdog.py` over the processes this process's `ray.init` started, so that none of
+    them outlives it (a SIGKILL included; see there why Ray's own fate-sharing is not enough). The
+    watchdog runs in its own session: a signal to this process group leaves it to clean up."""
+    import psutil
+    import ray
+
+    from infra.ray_watchdog import identity
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's record of what ray.init started
+    started = [info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos]
+    roots = []
+    for pid in started:
+        try:
+            roots.append(identity(psutil.Process(pid)))
+        except psutil.Error:
+            continue
+    if not roots:  # (Ray keeps no such record where it joined a running instance: nothing of ours to watch)
+        logging.getLogger(__name__).warning("no record of the Ray processes ray.init started: they are not watched")
+        return None
+    args = [f"{pid}:{started!r}" for pid, started in (identity(psutil.Process()), *roots)]
+    watchdog = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), *args], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    _watchdogs[:] = [w for w in _watchdogs if w.poll() is None] + [watchdog]  # (polling reaps finished ones)
+    return watchdog
 
 
 LAUNCHER_FLAGS = ("--launcher", "--nproc", "--hostfile")

@@ -189,9 +189,10 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
     out.duration, out.fps, out.has_audio = probe.duration, probe.fps, probe.has_audio
     if not probe.ok:
         out.failure = ("decode", probe.reason or "unknown", probe.detail)
-        if probe.reason != "no_audio_stream":  # without audio the face can still be embedded
+        # without audio the face can still be embedded, without video the voice
+        if not (probe.reason == "no_audio_stream" or (probe.reason == "no_video_stream" and probe.has_audio)):
             return out
-    out.video = True
+    out.video = probe.reason != "no_video_stream"
     waveform = None
     try:
         if probe.has_audio:
@@ -202,7 +203,7 @@ def decode_media(key: str, path: Path | str | None, speaker: SpeakerSettings = S
                 out.audio = audio_features(resample_channels(audio.channels, audio.rate))
     except Exception as exc:  # noqa: BLE001 - a broken clip must not stop the job
         out.fail("decode", "audio_decode_error", exc)
-    if speaker.method in ("sync", "talknet"):
+    if speaker.method in ("sync", "talknet") and out.video:
         try:
             out.speaker = start_speaker(
                 str(path), waveform, speaker.is_faithful, speaker.detect_every, speaker.threshold,

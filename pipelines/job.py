@@ -342,10 +342,24 @@ def _speaker_crops(decoded, pc: PreprocessConfig):
     return ds.map(crop_row, fn_kwargs={"speaker": speaker})
 
 
-def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> None:
+def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> set[str]:
+    """Upsert rows; the keys the store rejected (it records why, as `store` failures)."""
     result = store.write_utterances(rows)
     for rejection in result.rejected:
         report.failures[("store", rejection.reason)] += 1
+    return {r.key for r in result.rejected}
+
+
+def _settle_failures(
+    store: Store, keys: list[str], failed: list[tuple[str, str, str, str]], rejected: set[str], failed_before: set[str],
+    stages: list[str] | None = None,
+) -> None:
+    """Record this attempt's failures of `keys` and forget their earlier ones (of `stages`) that did not
+    recur: a key ends up stored cleanly, or failed with its current reasons. What the store rejected is
+    a failure too (it recorded it), so a rejected key keeps that record."""
+    store.record_failures(failed)
+    retried = [k for k in keys if k in failed_before]
+    store.clear_failures(retried, stage=stages, keep={(k, s) for k, s, _, _ in failed} | {(k, "store") for k in rejected})
 
 
 def run_preprocess(config: MergConfig) -> PreprocessReport:
@@ -392,12 +406,14 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
 
     # text-only rows: metadata now, a failure record for clips that should have been there
     text_batch = max(pc.write_batch, 2048)  # metadata rows are small: fewer, larger commits
+    rejected: set[str] = set()
     for i in range(0, len(todo_text), text_batch):
-        _write(store, [meta[r.key] for r in todo_text[i : i + text_batch]], report)
-    missing = [(r.key, "read", "missing_file", "CSV row without a clip") for r in todo_text if r.clip_status == "missing"]
-    store.record_failures(missing)
-    report.failures.update(("read", "missing_file") for _ in missing)
-    report.text_only = len(todo_text)
+        rejected |= _write(store, [meta[r.key] for r in todo_text[i : i + text_batch]], report)
+    unusable = [(r.key, "read", *r.clip_failure) for r in todo_text if r.clip_failure is not None]  # missing, refused
+    # only reading and storing were tried again here: a text-only pass leaves media failures alone
+    _settle_failures(store, [r.key for r in todo_text], unusable, rejected, failed_before, stages=["read", "store"])
+    report.failures.update((stage, reason) for _, stage, reason, _ in unusable)
+    report.text_only = len({r.key for r in todo_text} - rejected)  # rows the store took (a repeated key once)
 
     if todo_media:
         media_started = time.perf_counter()
@@ -432,18 +448,19 @@ def _run_media(
         batch_size=pc.batch_size, batch_format="numpy",
     )  # fmt: skip
     ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
+    embedded: set[str] = set()  # keys stored with an embedding: what the summary counts
     with progress_bar("preprocessing clips", len(items)) as advance:
         for batch in ds.iter_batches(batch_size=pc.write_batch, batch_format="numpy"):
-            _write(store, _media_rows(batch, meta, sha), report)
+            keys = [str(k) for k in batch["key"]]
+            rejected = _write(store, _media_rows(batch, meta, sha), report)
             failed = [
-                (str(k), str(s), str(r), str(d))
-                for k, s, r, d in zip(batch["key"], batch["fail_stage"], batch["fail_reason"], batch["fail_detail"])
+                (k, str(s), str(r), str(d))
+                for k, s, r, d in zip(keys, batch["fail_stage"], batch["fail_reason"], batch["fail_detail"])
                 if r
             ]
-            store.record_failures(failed)
+            _settle_failures(store, keys, failed, rejected, failed_before)
             report.failures.update((s, r) for _, s, r, _ in failed)
             has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
-            report.embedded += int(has_any.sum())
-            fixed = [str(k) for k, r in zip(batch["key"], batch["fail_reason"]) if not r and str(k) in failed_before]
-            store.clear_failures(fixed)  # a clip that works now no longer counts as failed
-            advance(len(batch["key"]))
+            embedded.update(k for k, h in zip(keys, has_any) if h and k not in rejected)
+            report.embedded = len(embedded)
+            advance(len(keys))

@@ -62,6 +62,15 @@ def check_clip_path(path: Path | str) -> tuple[str, str] | None:
     return None
 
 
+def outside_root(path: Path | str, roots: tuple[Path, ...]) -> tuple[str, str] | None:
+    """("outside_root", detail) when `path` resolves (through its links) outside every folder of `roots`
+    (resolved themselves), else None: a link out of the data, e.g. to /etc/hostname, is refused unread."""
+    target = Path(os.path.realpath(path))
+    if any(target.is_relative_to(os.path.realpath(root)) for root in roots):
+        return None
+    return "outside_root", f"{path} is a link to {target}, outside the MELD root"
+
+
 def clip_geometry(path: Path | str) -> tuple[int, int, float, float] | None:
     """(width, height, seconds, fps) from the container header alone (no demuxing); None if unreadable."""
     import av
@@ -124,7 +133,7 @@ def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
     with path.open("rb") as fh:
         head = fh.read(12)
     if head[4:8] != b"ftyp":
-        return ClipProbe(False, "not_mp4", f"no ftyp box, starts with {head[:8]!r}")
+        return ClipProbe(False, "not_mp4", "no ftyp box: not an MP4 container")  # its bytes are not ours to copy
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as exc:
@@ -132,8 +141,10 @@ def probe_clip(path: Path | str, decode_check: bool = False) -> ClipProbe:
     with container:
         video = next(iter(container.streams.video), None)
         audio = next(iter(container.streams.audio), None)
-        if video is None:
-            return ClipProbe(False, "no_video_stream", has_audio=audio is not None)
+        if video is None:  # audio only: its sound can still be embedded
+            duration = container.duration / av.time_base if container.duration else None
+            detail = "audio only; no frames" if audio is not None else "neither video nor audio"
+            return ClipProbe(False, "no_video_stream", detail, duration=duration, has_audio=audio is not None)
         fps, duration = _rate_and_duration(container, video)
         n_frames = video.frames or (round(duration * fps) if duration and fps else None)
         info = dict(

@@ -63,7 +63,18 @@ class Utterance:
     end_time: str
     clip_path: Path | None
     clip_status: str  # "found" | "missing" (CSV row, no file) | "no_media" (no clip folder at all)
+    # | "outside_root" (a link out of the MELD root: refused, its path not kept)
     sr_no: int | None = None
+    clip_detail: str = ""  # why the clip is refused
+
+    @property
+    def clip_failure(self) -> tuple[str, str] | None:
+        """(reason, detail) when the clip is missing or refused before it is read, else None."""
+        if self.clip_status == "missing":
+            return "missing_file", "CSV row without a clip"
+        if self.clip_status == "outside_root":
+            return "outside_root", self.clip_detail
+        return None
 
     @property
     def key(self) -> str:
@@ -111,6 +122,8 @@ def _optional_int(value: str | None) -> int | None:
 
 def read_split(root: Path | str, split: str) -> SplitReading:
     """Read one split's CSV and locate its clips. Bad rows are reported in `bad_rows`, not raised."""
+    from pipelines.media import outside_root  # on use, as in `summarize`: reading CSVs needs no OpenCV
+
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(root)
@@ -119,6 +132,7 @@ def read_split(root: Path | str, split: str) -> SplitReading:
         raise MeldFormatError(f"{root}: no {CSV_NAMES[split]} (looked in {root} and {root / split})")
     clip_dir = _find(root, split, CLIP_DIRS[split])
     reading = SplitReading(split=split, csv_path=csv_path, clip_dir=clip_dir)
+    data_roots = (root, clip_dir) if clip_dir is not None else (root,)  # a linked clip folder is the data too
 
     reader = csv.DictReader(io.StringIO(_decode_csv(csv_path), newline=""))
     header = [name.strip() for name in (reader.fieldnames or [])]
@@ -134,11 +148,13 @@ def read_split(root: Path | str, split: str) -> SplitReading:
             utterance_id = int(row["Utterance_ID"])
             if row.get(None):
                 raise ValueError(f"{len(row[None])} more fields than the header")
-            clip_path, status = None, "no_media"
+            clip_path, status, detail = None, "no_media", ""
             if clip_dir is not None:
                 clip_path = clip_dir / clip_filename(dialogue_id, utterance_id)
                 # a broken link is "found": the job records why it is unusable (dangling, looping)
                 status = "found" if clip_path.exists() or clip_path.is_symlink() else "missing"
+                if status == "found" and clip_path.is_symlink() and (refused := outside_root(clip_path, data_roots)):
+                    status, detail = refused
                 clip_path = clip_path if status == "found" else None
             reading.records.append(
                 Utterance(
@@ -156,6 +172,7 @@ def read_split(root: Path | str, split: str) -> SplitReading:
                     clip_path=clip_path,
                     clip_status=status,
                     sr_no=_optional_int(row.get("Sr No.")),
+                    clip_detail=detail,
                 )
             )
         except (TypeError, ValueError) as exc:
@@ -211,8 +228,9 @@ def summarize(readings: dict[str, SplitReading], probe: bool = True, workers: in
             state = "faulty" if result is not None and not result.ok else "ok"
             if state == "faulty":
                 problems.append((r.key, result.reason, result.detail))
-        elif state == "missing":
-            problems.append((r.key, "missing_file", "CSV row without a clip"))
+        elif r.clip_failure is not None:
+            problems.append((r.key, *r.clip_failure))
+            state = "missing" if state == "missing" else "faulty"
         clips[r.split][state] += 1
     bad_rows = [(str(rd.csv_path), line, why) for rd in readings.values() for line, why in rd.bad_rows]
     return MeldSummary(emotions, clips, sorted(problems), bad_rows)

@@ -48,10 +48,7 @@ def load_examples(
     columns = ["key", "history", "next_speaker", "target"]
     targets = store.targets(config.target, split=split, columns=columns, version=targets_version)
     if targets.num_rows == 0:
-        raise DataError(
-            f"no {config.target!r} targets for split {split!r} in the store at {store.root}; "
-            f"build them with `merg targets build --kind {config.target} --store {store.root}`"
-        )
+        raise _no_targets(store, config, split)
     if limit:
         targets = targets.slice(0, limit)
     media = _media_by_key(store, config, split, targets) if config.embedding_column else None
@@ -66,15 +63,36 @@ def load_examples(
     return examples
 
 
+def require_data(store: Store, config: TrainConfig, split: str, targets_version: int | str | None = None) -> None:
+    """DataError (saying what to run) when the store lacks the targets or the embeddings that training on
+    `split` needs; cheap, so that a run without its data stops before any model loads."""
+    if store.targets(config.target, split=split, columns=["key"], version=targets_version).num_rows == 0:
+        raise _no_targets(store, config, split)
+    column = config.embedding_column
+    if column and not store.query(split=split, where=f"{column} IS NOT NULL", columns=["key"], limit=1).num_rows:
+        raise _no_media(store, config, split)
+
+
+def _no_targets(store: Store, config: TrainConfig, split: str) -> DataError:
+    return DataError(
+        f"no {config.target!r} targets for split {split!r} in the store at {store.root}; "
+        f"build them with `merg targets build --kind {config.target} --store {store.root}`"
+    )
+
+
+def _no_media(store: Store, config: TrainConfig, split: str) -> DataError:
+    return DataError(
+        f"modality {config.modality!r} needs {config.embedding_column}, but no {split} utterance in the store at "
+        f"{store.root} has one (was it built with --no-media?). Train the text-only baseline with "
+        f"`--set train.modality=text`, or preprocess the clips first."
+    )
+
+
 def _media_by_key(store: Store, config: TrainConfig, split: str, targets: pa.Table) -> dict[str, np.ndarray]:
     column = config.embedding_column
     by_key = store.vectors(column, split=split)
     if not by_key:
-        raise DataError(
-            f"modality {config.modality!r} needs {column}, but no {split} utterance in the store at {store.root} "
-            f"has one (was it built with --no-media?). Train the text-only baseline with "
-            f"`--set train.modality=text`, or preprocess the clips first."
-        )
+        raise _no_media(store, config, split)
     keys = targets.column("key").to_pylist()
     if missing := sum(k not in by_key for k in keys):
         # the same pairs for every system: an utterance without a clip keeps its example with a zero vector

@@ -1,25 +1,48 @@
 """Per-step training metrics summed over micro-batches and ranks, written by rank 0.
 
-    logger = MetricLogger(run_dir / "metrics.jsonl", device, is_main=rank == 0)
+    logger = MetricLogger(run_dir / "metrics.jsonl", device, is_main=rank == 0, from_step=step)
     logger.add_micro_batch(out.loss_sum, out.num_tokens, real_tokens)   # every micro-batch
     record = logger.end_step(seconds)   # all-reduce: token-weighted step loss, all ranks' tokens
     logger.write({**record, ...})
 
 Tokens/s counts real (non-pad) tokens of every rank over the slowest rank's time in training steps:
 validation and checkpoint writes are not throughput.
+
+A resumed run continues from its checkpoint's step, and replays the steps a killed run had logged
+after it: those rows are dropped when the logger opens, so the file holds one row per step.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the rows of steps up to `step` (and none torn by a kill mid-write), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line a kill cut short
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+
+
 class MetricLogger:
-    def __init__(self, path: Path, device: torch.device, *, is_main: bool):
+    def __init__(self, path: Path, device: torch.device, *, is_main: bool, from_step: int = 0):
+        """`from_step`: the step the run (re)starts from; rows logged past it are dropped."""
         self.device = device
+        if is_main:
+            drop_rows_after(Path(path), from_step)
         self.file = open(path, "a") if is_main else None
         self._step = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, target tokens, real tokens
         self.window_tokens, self.window_seconds = 0, 0.0  # since the last logged tokens/s

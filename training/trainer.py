@@ -32,7 +32,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -46,10 +48,11 @@ import yaml
 from featurestore.schema import TARGETS
 from featurestore.store import Store
 from infra.config import REPO_ROOT, MergConfig
+from infra.errors import Interrupted
 from infra.models import resolve_llm
 from infra.progress import progress_bar
 from training.checkpointer import Checkpointer, save_trained_weights
-from training.data import collate, epoch_batches, load_examples
+from training.data import collate, epoch_batches, load_examples, require_data
 from training.loss import global_target_tokens, scaled_for_engine, target_tokens
 from training.metrics import MetricLogger
 from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype
@@ -131,6 +134,7 @@ class Trainer:
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        self._check_data()
         self._setup_distributed()
         self._setup_model()
         self._setup_data()
@@ -138,6 +142,12 @@ class Trainer:
         if self.t.resume:
             self._resume()
         return self
+
+    def _check_data(self) -> None:
+        """Before anything loads: the store holds what this run trains on (else a DataError saying what
+        to build), so that a run without its data stops in seconds, not after loading the model."""
+        self.store = Store.open(self.config.paths.store, version=self.t.store_version)
+        require_data(self.store, self.t, self.t.train_split, self._targets_version())
 
     def _setup_distributed(self) -> None:
         import deepspeed
@@ -344,7 +354,7 @@ class Trainer:
                 shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self._write_run_files()
         self.engine.train()
-        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main)
+        self.metrics = MetricLogger(self.run_dir / METRICS, self.device, is_main=self.is_main, from_step=self.step)
         stopped_early = self._patience_exhausted()  # a resumed run that had stopped stays stopped
         last_loss, first_step = None, self.step
         with progress_bar(f"train {t.name}", self.total_steps) as advance:
@@ -419,6 +429,39 @@ class Trainer:
             log.info(message)
 
 
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+@contextmanager
+def _signals_interrupt():
+    """While inside, SIGINT and SIGTERM interrupt the run as an exception (SIGTERM would otherwise end
+    the process without a word); the previous handlers come back after. Only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number, _frame):
+        raise _Signalled(number)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def train(config: MergConfig, until_step: int | None = None) -> TrainReport:
-    """Build the trainer from `config` and run it (the door `merg train` calls)."""
-    return Trainer(config).setup().train(until_step=until_step)
+    """Build the trainer from `config` and run it (the door `merg train` calls). SIGINT or SIGTERM stops
+    it with `infra.errors.Interrupted`, saying the step reached and the checkpoint `--resume` starts from."""
+    trainer = Trainer(config)
+    with _signals_interrupt():
+        try:
+            return trainer.setup().train(until_step=until_step)
+        except _Signalled as stop:
+            checkpoints = trainer.checkpointer.tags() if hasattr(trainer, "checkpointer") else []
+            since = f"from checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint yet: from step 0"
+            raise Interrupted(f"interrupted at step {trainer.step} ({stop}); resume with --resume ({since})", stop.number) from stop

@@ -13,7 +13,7 @@ import pytest
 from featurestore.store import Store, StoreDamaged, StoreReadOnly, explain_store_error, versions_on_disk
 from featurestore.synthetic import synthetic_utterances
 
-DAMAGE = ("garbage_folder", "deleted_data_file", "truncated_manifest")
+DAMAGE = ("garbage_folder", "deleted_data_file", "truncated_manifest", "truncated_data_file")
 
 
 def make_store(root: Path) -> Path:
@@ -35,6 +35,9 @@ def damage(root: Path, kind: str) -> None:
     elif kind == "truncated_manifest":  # Lance names manifests 2**64 - 1 - version: the newest sorts first
         newest = sorted((table / "_versions").glob("*.manifest"))[0]
         newest.write_bytes(newest.read_bytes()[:40])
+    elif kind == "truncated_data_file":  # the manifest opens; reading the rows fails (issue 27)
+        newest = sorted((table / "data").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+        newest.write_bytes(newest.read_bytes()[:100])
 
 
 def _damage_message(root: Path) -> str:

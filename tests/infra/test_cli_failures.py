@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -212,3 +213,117 @@ def test_disk_full_while_storing_evaluation_results_then_a_rerun_after_space_is_
         assert [r["status"] for r in store.read_records(EVAL_RESULTS).to_pylist()] == ["done"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# ---- issue 27 item 5: messages that were not one clear line ------------------------------------------
+def _preprocessed_store(capsys, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A text-only store written by two `merg preprocess` runs (three versions), and the arguments that ran them."""
+    from tests.pipelines.test_job import write_meld
+
+    meld, store = tmp_path / "meld", tmp_path / "store"
+    args = ["preprocess", "--meld-root", meld, "--splits", "train", "--no-media", "--store", store]
+    for rows in (1, 2):
+        write_meld(meld, "train", [("joy", "positive")] * rows)
+        assert merg(capsys, *args)[0] == 0
+    return store, args
+
+
+@pytest.mark.parametrize("command", ["store stats", "store query", "store export", "preprocess"])
+def test_a_truncated_data_file_is_named_with_the_versions_to_open(capsys, tmp_path, log_dir, command):
+    """Reading rows from a truncated data file (the manifest opens) was a raw `LanceError(IO)`."""
+    store, preprocess = _preprocessed_store(capsys, tmp_path)
+    damage(store, "truncated_data_file")
+    args = {"store stats": ["store", "stats", "--store", store], "store query": ["store", "query", "--store", store],
+            "store export": ["store", "export", "--store", store, "--out", tmp_path / "x.parquet"],
+            "preprocess": preprocess}[command]  # fmt: skip
+    code, _, err = merg(capsys, *args)
+    assert code == 1
+    assert_one_line_failure(err, command, log_dir, "the store's 'utterances' table is damaged", "--version N (on disk: 1, 2, 3)")
+    code, out, _ = merg(capsys, "store", "stats", "--store", store, "--version", 2)
+    assert code == 0 and "store version 2: 1 utterances" in out  # the version the message points to opens
+
+
+@pytest.mark.parametrize(
+    "case, status, why",
+    [
+        ("bad_where", 2, ["the filter 'duration >>> 2'", "sql parser error"]),
+        ("unknown_emotion", 2, ["not a MELD emotion label: 'happyish'", "neutral, joy, surprise"]),
+        ("missing_store", 2, ["no merg store at"]),
+        ("store_is_a_file_read", 2, ["is a file, not a merg store folder"]),
+        ("store_is_a_file_write", 2, ["is a file, not a folder"]),
+        ("garbage_store", 1, ["the store's 'utterances' table is damaged"]),
+    ],
+)
+def test_input_problems_are_one_line_with_the_log(capsys, tmp_path, log_dir, case, status, why):
+    """A bad filter, a label MELD does not have, a missing store, a file where the store folder should
+    be and a garbage store: one line saying so (not a 4-line box, a raw Lance error or "0 matching"), and the log."""
+    store = make_store(tmp_path / "store")
+    (tmp_path / "a_file").write_text("not a store")
+    if case == "garbage_store":
+        damage(store, "garbage_folder")
+    args = {
+        "bad_where": ["store", "query", "--where", "duration >>> 2", "--store", store],
+        "unknown_emotion": ["store", "query", "--emotion", "joy,happyish", "--store", store],
+        "missing_store": ["store", "stats", "--store", tmp_path / "nothing"],
+        "store_is_a_file_read": ["store", "stats", "--store", tmp_path / "a_file"],
+        "store_is_a_file_write": ["preprocess", "--meld-root", tmp_path, "--store", tmp_path / "a_file"],
+        "garbage_store": ["store", "stats", "--store", store],
+    }[case]
+    code, out, err = merg(capsys, *args)
+    assert code == status and "matching" not in out
+    line = assert_one_line_failure(err, " ".join(a for a in args[:2] if not str(a).startswith("-")), log_dir, *why)
+    assert "read commands still work" not in line and ".rs:" not in line
+
+
+def test_train_on_a_store_without_its_data_stops_before_loading_a_model(capsys, tmp_path, log_dir, monkeypatch):
+    """It used to load the model (about a minute) before finding no targets, then print a 4-line box."""
+    Store.open(tmp_path / "store", create=True, embedding_dim=8)
+
+    def no_model(*_, **__):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr("training.trainer.load_llm", no_model)
+    code, _, err = merg(capsys, "train", "--store", tmp_path / "store", "--set", f"paths.runs={tmp_path / 'runs'}")
+    assert code == 2
+    assert_one_line_failure(err, "train", log_dir, "no 'next_utterance' targets", "merg targets build --kind next_utterance")
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_during_training_say_where_it_stopped_and_how_to_resume(dialogue_store, tiny_llm, tmp_path, log_dir):
+    """`merg train` stopped by SIGINT or SIGTERM exited 130/143 without a word; now one line says the
+    step it reached and to resume with --resume, the log the rest. (Both runs at once, in subprocesses.)"""
+    import os
+    import shutil
+    import signal
+    import sys
+    import time
+
+    runs = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        store = shutil.copytree(dialogue_store, tmp_path / f"store-{number}")
+        command = [sys.executable, "-m", "infra.cli", "train", "--store", str(store), "--model", str(tiny_llm),
+                   "--modality", "text", "--name", "sig", "--max-steps", "100000", "--set", f"paths.runs={tmp_path / str(number)}",
+                   "--set", "train.max_length=128", "--set", "train.save_every=2", "--set", "train.eval_every=100000"]  # fmt: skip
+        env = {**os.environ, "MERG_LOG_DIR": str(log_dir / str(number))}
+        with (tmp_path / f"stderr-{number}").open("w") as stderr:  # a file: a full pipe would stall the run
+            runs[number] = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        for number, job in runs.items():
+            metrics = tmp_path / str(number) / "sig" / "metrics.jsonl"
+            deadline = time.time() + 600
+            while job.poll() is None and time.time() < deadline and len(metrics.read_text().splitlines() if metrics.exists() else []) < 3:
+                time.sleep(0.2)
+            assert job.poll() is None and time.time() < deadline, (tmp_path / f"stderr-{number}").read_text()[-2000:]
+            job.send_signal(number)
+        for number, job in runs.items():
+            job.wait(timeout=120)
+            err = (tmp_path / f"stderr-{number}").read_text()
+            lines = err.strip().splitlines()[-2:]
+            assert job.returncode == 128 + number, err[-2000:]
+            assert re.match(rf"error: merg train failed: interrupted at step (?:[3-9]|\d{{2,}}) \({number.name}\); resume with --resume \(from checkpoint step-\d+\)$", lines[0]), err[-2000:]
+            assert "full traceback in" in lines[1]
+    finally:
+        for job in runs.values():
+            if job.poll() is None:
+                job.kill()
+                job.wait()

@@ -56,6 +56,26 @@ def test_no_face_means_no_visible_speaker_and_a_centre_crop(tmp_path):
     assert clip.frames.shape == (5, 2, 224, 224, 3) and clip.audio is not None
 
 
+def test_an_audio_only_clip_keeps_its_audio_embedding(tmp_path):
+    """issue 27 item 3: a clip with an audio stream and no video stream is recorded `no_video_stream`
+    and its voice is still embedded (as a clip without audio keeps its face)."""
+    import subprocess
+
+    from pipelines.job import ImageBindStage, clip_row, fuse_batch
+
+    path = tmp_path / "voice.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=2",
+                    "-c:a", "aac", "-vn", str(path)], check=True)  # fmt: skip
+    clip = decode_clip("test/dia0_utt0", path)
+    assert clip.audio is not None and clip.frames is None and clip.has_audio and clip.duration == pytest.approx(2, abs=0.1)
+    assert clip.failure == ("decode", "no_video_stream", "audio only; no frames")
+    row = clip_row(clip)
+    batch = {k: np.array([v], dtype=object if isinstance(v, str) else None) for k, v in row.items()}
+    fused = fuse_batch(ImageBindStage(checkpoint=None, size=None, seed=0)(batch), "mean_l2")
+    assert fused["audio_emb"][0].any() and not fused["vision_emb"][0].any() and np.isfinite(fused["fused_emb"][0]).all()
+    assert fused["has_audio_feat"][0] and not fused["has_frames"][0]
+
+
 def test_every_fault_is_a_reason_never_an_exception(mini_meld):
     for truth in read_ground_truth(mini_meld).values():
         if truth["fault"] is None or EXPECTED[truth["fault"]] == "text_repaired":

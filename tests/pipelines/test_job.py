@@ -249,3 +249,96 @@ def test_job_scores_speakers_in_a_talknet_actor_stage(mini_meld, tmp_path, ray_s
     assert len(rows) == report.total == 4
     assert "talknet" in {r["asd_method"] for r in rows}
     assert not {reason for stage, reason in report.failures if stage == "speaker"}
+
+
+def write_meld(root, split: str, labels: list[tuple[str, str]], clip=None) -> list:
+    """A one-dialogue MELD root: a CSV row per (emotion, sentiment), each row a copy of `clip` (if given)."""
+    import csv
+    import shutil
+
+    from pipelines.meld import CLIP_DIRS, CSV_COLUMNS, CSV_NAMES, read_split
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / CSV_NAMES[split]).open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([CSV_COLUMNS] + [
+            [i + 1, f"Line {i}.", "Joey", emotion, sentiment, 0, i, 1, 1, "00:00:01,000", "00:00:02,000"]
+            for i, (emotion, sentiment) in enumerate(labels)
+        ])  # fmt: skip
+    if clip is not None:
+        (root / CLIP_DIRS[split]).mkdir(exist_ok=True)
+        for i in range(len(labels)):
+            shutil.copy(clip, root / CLIP_DIRS[split] / f"dia0_utt{i}.mp4")
+    return read_split(root, split).records
+
+
+def _where_is(store_dir, key: str) -> tuple[bool, set[str]]:
+    """(stored?, the failure reasons recorded) for `key`."""
+    store = Store.open(store_dir)
+    return key in store.keys(), {f["reason"] for f in store.failures().to_pylist() if f["key"] == key}
+
+
+def test_a_bad_label_stays_failed_on_every_text_only_rerun_and_is_forgotten_once_fixed(tmp_path):
+    """issue 27 item 1 (text rows): a label outside MELD's is `store/unknown_emotion` run after run, the
+    summary counts only rows really written, and once the CSV is corrected the key is stored and its
+    failure record gone."""
+    root, store = tmp_path / "meld", tmp_path / "store"
+    bad, good = (r.key for r in write_meld(root, "dev", [("happy", "positive"), ("joy", "positive")]))
+    config = _config(root, store, "preprocess.splits=[dev]", "preprocess.no_media=true")
+    for run in range(3):
+        report = run_preprocess(config)
+        assert report.text_only == (1 if run == 0 else 0), run  # the rejected row is not "written"
+        assert report.failures == {("store", "unknown_emotion"): 1}
+        assert _where_is(store, bad) == (False, {"unknown_emotion"}) and _where_is(store, good) == (True, set())
+    write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")])
+    assert run_preprocess(config).text_only == 1
+    assert _where_is(store, bad) == (True, set())
+
+
+@pytest.mark.slow
+def test_a_bad_label_with_a_clip_stays_failed_on_every_rerun(mini_meld, tmp_path, ray_session):
+    """issue 27 item 1 (media rows): runs 1, 2 and 3 each leave the bad-label key failed with its reason
+    (a re-run used to delete the record, the third restore it) and count as embedded only the row stored."""
+    truth = read_ground_truth(mini_meld)
+    clip = next(mini_meld / t["clip"] for t in truth.values() if t["fault"] is None and t["clip"])
+    root, store = tmp_path / "meld", tmp_path / "store"
+    bad, good = (r.key for r in write_meld(root, "dev", [("ecstatic", "positive"), ("joy", "positive")], clip))
+    config = _config(root, store, "preprocess.splits=[dev]")
+    for run in range(3):
+        report = run_preprocess(config)
+        assert report.embedded == (1 if run == 0 else 0), run
+        assert report.failures == {("store", "unknown_emotion"): 1}, run
+        assert _where_is(store, bad) == (False, {"unknown_emotion"}), run
+        assert _where_is(store, good) == (True, set())
+
+
+def test_a_clip_linked_out_of_the_meld_root_is_refused_unread(mini_meld, tmp_path):
+    """issue 27 item 4: a clip that is a link leading out of the MELD root (here to a private file) is
+    refused as `outside_root` before anything reads it, and none of its bytes reach the store; a link
+    within the root is followed."""
+    from pipelines.meld import read_splits, summarize
+
+    truth = read_ground_truth(mini_meld)
+    clip = next(mini_meld / t["clip"] for t in truth.values() if t["fault"] is None and t["clip"])
+    secret = tmp_path / "elsewhere" / "hostname"
+    secret.parent.mkdir()
+    secret.write_bytes(b"vm\nsecret-host\n")
+    root, store = tmp_path / "meld", tmp_path / "store"
+    out, inside = write_meld(root, "dev", [("joy", "positive"), ("joy", "positive")], clip)
+    out_path, inside_path = root / "dev_splits_complete" / "dia0_utt0.mp4", root / "dev_splits_complete" / "dia0_utt1.mp4"
+    out_path.unlink()
+    out_path.symlink_to(secret)
+    (root / "kept.mp4").write_bytes(inside_path.read_bytes())
+    inside_path.unlink()
+    inside_path.symlink_to(root / "kept.mp4")
+
+    records = {r.key: r for r in read_splits(root, ["dev"])["dev"].records}
+    assert records[out.key].clip_status == "outside_root" and records[out.key].clip_path is None
+    assert records[inside.key].clip_status == "found"
+    assert ("outside_root" in {reason for _, reason, _ in summarize(read_splits(root, ["dev"]), probe=False).problems})
+
+    report = run_preprocess(_config(root, store, "preprocess.splits=[dev]", "preprocess.no_media=true"))
+    assert report.failures == {("read", "outside_root"): 1}
+    (failure,) = Store.open(store).failures().to_pylist()
+    assert failure["key"] == out.key and failure["reason"] == "outside_root" and "outside the MELD root" in failure["detail"]
+    assert "secret-host" not in failure["detail"] and "vm\\n" not in failure["detail"]
+    assert Store.open(store).keys() == {out.key, inside.key}  # the row itself is kept, text only

@@ -60,3 +60,11 @@ def test_unreadable_file_is_reported_not_raised(tmp_path):
         assert found[0] == "unreadable" and "Permission denied" in found[1]
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_file_that_is_not_an_mp4_is_named_without_copying_its_bytes(tmp_path):
+    """issue 27 item 4: the reason says what the file is not; its first bytes never reach a failure record."""
+    path = tmp_path / "dia0_utt0.mp4"
+    path.write_bytes(b"vm\nprivate-host-name\n")
+    probe = probe_clip(path)
+    assert probe.reason == "not_mp4" and "vm" not in probe.detail and "private" not in probe.detail

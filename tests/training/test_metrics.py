@@ -1,5 +1,7 @@
 """MetricLogger: the step's loss weighs every target token alike; tokens/s over all ranks."""
 
+import json
+
 import torch
 
 from training.metrics import MetricLogger
@@ -15,3 +17,15 @@ def test_metric_logger_weighs_every_token_alike(tmp_path):
     logger.write(record)
     logger.close()
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_a_resumed_run_drops_the_rows_it_replays(tmp_path):
+    """issue 27 item 6: rows logged past the restored step (and a row a kill cut short) are dropped when
+    the resumed run's logger opens, so the file holds one row per step."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "loss": {s}}}\n' for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    logger = MetricLogger(path, torch.device("cpu"), is_main=True, from_step=2)
+    logger.write({"step": 3, "loss": 0.5})
+    logger.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert json.loads(path.read_text().splitlines()[-1])["loss"] == 0.5

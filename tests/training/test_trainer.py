@@ -64,6 +64,17 @@ def test_resume_continues_the_loss_curve_exactly(dialogue_store, tiny_llm, tmp_p
     assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_resume_past_the_last_logged_step_keeps_one_metrics_row_per_step(dialogue_store, tiny_llm, tmp_path):
+    """issue 27 item 6: killed at step 3 with its last checkpoint at step 2, a resumed run replays step 3;
+    metrics.jsonl then holds steps 1, 2, 3, 4 (not 1, 2, 3, 3, 4)."""
+    settings = dict(modality="text", max_steps=4, save_every=2, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    train(train_config(dialogue_store, tmp_path, tiny_llm, name="killed", **settings), until_step=3)
+    train(train_config(dialogue_store, tmp_path, tiny_llm, name="killed", resume=True, **settings))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_resuming_an_early_stopped_run_trains_no_further(dialogue_store, tiny_llm, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "validate", lambda self: 1.0)  # never improves after the first validation
     settings = dict(modality="audio", max_steps=6, eval_every=1, save_every=10, patience=1)
