@@ -456,6 +456,7 @@ class Store:
         fragments_before, versions_before = len(before.get_fragments()), len(before.versions())
         duplicates = self.drop_duplicate_keys()
         names = [UTTERANCES, *(n for n in RECORD_TABLES if self.has_table(n))]
+        self._refresh_indices()  # first: Lance compacts fragments an index covers apart from those it does not
         for name in names:
             _retry_on_conflict(lambda name=name: self._dataset(name).optimize.compact_files(materialize_deletions=True),
                                f"compact {name}")  # fmt: skip
@@ -473,9 +474,11 @@ class Store:
         committed since it was built."""
         dataset = self._dataset(UTTERANCES)
         have = {name for index in dataset.describe_indices() for name in index.field_names}
-        built = self.create_indexes(scalar=True, only_missing=True) if not have >= {*SCALAR_INDEX_COLUMNS, KEY_INDEX} else []
+        if not have >= {*SCALAR_INDEX_COLUMNS, KEY_INDEX}:
+            self.create_indexes(scalar=True, only_missing=True)
         _retry_on_conflict(lambda: self._dataset(UTTERANCES).optimize.optimize_indices(), "optimize indices")
-        return built + [f"{', '.join(i.field_names)}: {i.num_rows_indexed} rows" for i in self._dataset(UTTERANCES).describe_indices()]
+        return [f"{', '.join(i.field_names)}: {i.type_url.rsplit('.', 1)[-1].removesuffix('IndexDetails')}, {i.num_rows_indexed} rows"
+                for i in self._dataset(UTTERANCES).describe_indices()]  # fmt: skip
 
     # ---- reads ----------------------------------------------------------------------------------
     def query(

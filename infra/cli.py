@@ -678,6 +678,25 @@ def store_index(
         out.print(f"built {line}")
 
 
+@store_app.command("optimize")
+def store_optimize(
+    retention_days: Annotated[Optional[float], typer.Option(help="Remove versions older than this many days (default store.retention_days; tagged versions are kept).")] = None,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Store upkeep: one row per key, fragments compacted, scalar and vector indexes refreshed, old versions removed."""
+    from datetime import timedelta
+
+    cfg = _config(config, overrides, store__retention_days=retention_days)
+    report = _open_store(store or str(cfg.paths.store)).optimize(timedelta(days=cfg.store.retention_days))
+    out.print(f"fragments {report.fragments_before} -> {report.fragments_after}, versions {report.versions_before} -> "
+              f"{report.versions_after} (older than {cfg.store.retention_days:g} days removed, tagged kept), "
+              f"{report.duplicates_removed} duplicate rows removed, {report.seconds:.1f} s")  # fmt: skip
+    for line in report.indices:
+        out.print(f"index {line}")
+
+
 @store_app.command("export")
 def store_export(
     out_file: Annotated[Path, typer.Option("--out", help="Output file (.parquet or .csv).")],

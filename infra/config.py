@@ -172,6 +172,14 @@ class StorageConfig(_Section):
         secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
         return dict(endpoint=self.endpoint, region=self.region, access_key_id=self.access_key_id, secret_access_key=secret)
 
+    def resolved(self) -> "StorageConfig":
+        """These settings completed from this process's AWS variables: for Ray tasks on other nodes,
+        whose environment may not have them."""
+        from featurestore import storage
+
+        current = storage.settings().as_dict()
+        return StorageConfig(**{k: v for k, v in current.items() if v is not None})
+
     def apply(self) -> None:
         """Make these this process's object-storage settings (`featurestore.storage`), when any is set."""
         if any(self.settings().values()):

@@ -505,22 +505,10 @@ def _run_media(
     # fuse + write (fused into one task) take no CPU slot: light work that must not wait behind the decode
     # tasks holding every CPU, or no row reaches the store before the last clip is decoded
     ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy", num_cpus=0)
-    ds = ds.map_batches(
-        write_batch, batch_size=pc.write_batch, batch_format="numpy", num_cpus=0,
-        fn_kwargs=dict(meta=meta, store_root=store.root, embedding_dim=store.embedding_dim, fused_dim=store.fused_dim,
-                       storage_settings=settings),
-    )  # fmt: skip
+    ds = ds.map_batches(write_batch, **writer_arguments(store, pc.write_batch, meta, settings))
     committer = FragmentCommitter(store, pc.commit_interval_s, pc.commit_rows,
                                   on_commit=lambda batches: [_book(store, b, failed_before, report) for b in batches])  # fmt: skip
-    with progress_bar("preprocessing clips", len(items)) as advance:
-        # no prefetching: each writer's result is taken as soon as it is there, not when the next one is
-        for results in with_ticks(ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"), every=1.0):
-            for written in results["written"] if results is not None else ():
-                batch = pickle.loads(written)
-                committer.add(batch)
-                advance(len(batch.keys))
-            committer.commit_if_due()
-        committer.commit()
+    commit_written(ds, committer, len(items))
     report.commits = committer.commits
 
 
@@ -552,6 +540,28 @@ def write_batch(
         [k for k, r in zip(keys, batch["fail_reason"]) if not r], int(has_any.sum()),
     )  # fmt: skip
     return {"written": np.array([pickle.dumps(result)], dtype=object)}
+
+
+def writer_arguments(store: Store, rows: int, meta: dict, storage_settings: dict | None) -> dict:
+    """`map_batches` arguments of the writer stage (`write_batch`): `rows` a fragment, no CPU slot."""
+    return dict(
+        batch_size=rows, batch_format="numpy", num_cpus=0,
+        fn_kwargs=dict(meta=meta, store_root=store.root, embedding_dim=store.embedding_dim, fused_dim=store.fused_dim,
+                       storage_settings=storage_settings),
+    )  # fmt: skip
+
+
+def commit_written(ds, committer: "FragmentCommitter", total: int) -> None:
+    """Run the job (`ds` ends in the writer stage), committing what the writers wrote as it arrives."""
+    with progress_bar("preprocessing clips", total) as advance:
+        # no prefetching: each writer's result is taken as soon as it is there, not when the next one is
+        for results in with_ticks(ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"), every=1.0):
+            for written in results["written"] if results is not None else ():
+                batch = pickle.loads(written)
+                committer.add(batch)
+                advance(len(batch.keys))
+            committer.commit_if_due()
+        committer.commit()
 
 
 def _book(store: Store, batch: WrittenBatch, failed_before: set[str], report: PreprocessReport) -> None:
