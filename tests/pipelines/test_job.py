@@ -12,6 +12,7 @@ from featurestore import Store
 from infra.config import load_config
 from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.job import run_preprocess
+from pipelines.meld import read_splits
 from pipelines.synth import read_ground_truth
 from pipelines.synth.faults import EXPECTED
 
@@ -312,7 +313,11 @@ def test_the_job_reads_meld_from_s3_and_writes_its_store_there(mini_meld, s3, ra
     replaced; `force` recomputes every clip, each key still once."""
     from featurestore import storage
 
+    from pipelines.meld import summarize
+
     storage.upload_tree(mini_meld, f"{s3}/MELD.Raw")
+    local, remote = summarize(read_splits(mini_meld, ["dev"])), summarize(read_splits(f"{s3}/MELD.Raw", ["dev"]))
+    assert remote.clips == local.clips and [p[:2] for p in remote.problems] == [p[:2] for p in local.problems]
     config = load_config(None, [f"preprocess.meld_root={s3}/MELD.Raw", f"paths.store={s3}/store", "preprocess.batch_size=4",
                                 "preprocess.splits=[dev]", "preprocess.limit=4", "preprocess.commit_interval_s=1"])  # fmt: skip
     report = run_preprocess(config)
