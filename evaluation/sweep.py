@@ -51,6 +51,7 @@ def _run_cell(cell: Cell, cell_id: str, config: MergConfig, threads: int) -> tup
     import torch
 
     torch.set_num_threads(max(1, threads))
+    config.storage.apply()  # a store in object storage: the driver's endpoint and credentials
     return evaluate_cell(cell, config, cell_id=cell_id)
 
 
@@ -99,6 +100,7 @@ def sweep(config: MergConfig) -> SweepReport:
     log.info("sweep %s: %d cells, %d already done", ec.sweep, report.cells, report.skipped)
     if todo:
         init_ray(ec.ray_address, ec.num_cpus)
+        config = config.model_copy(update={"storage": config.storage.resolved()})  # for cells on other nodes
         remote = ray.remote(num_cpus=ec.cpus_per_cell, num_gpus=ec.gpus_per_cell, max_retries=0)(_run_cell)
         pending = {remote.remote(cell, cell_id, config, int(ec.cpus_per_cell)): (cell_id, cell) for cell_id, cell in todo}
         with progress_bar(f"sweep {ec.sweep}", len(todo)) as advance:

@@ -235,7 +235,7 @@ _KEEP_WARM = 3  # indexes kept per process, e.g. the explorer's three columns (e
 def warm_index(store: "Store", column: str = "fused_emb", *, now: bool = False) -> "WarmIndex | None":
     """The process's warm index of `store`'s `column`, built on the `WARM_AFTER`th ask (or `now`);
     None before that. An index whose store has moved on is rebuilt."""
-    slot = (str(store.root.resolve()), store.pinned, column)
+    slot = (store.uri, store.pinned, column)
     found = _WARM.get(slot, 0)
     if isinstance(found, WarmIndex) and found.is_current():
         _WARM.move_to_end(slot)

@@ -7,7 +7,8 @@
     store.stats(); store.versions(); store.tag("run-42"); Store.open(path, version="run-42")
 
 Layout: `<root>/utterances.lance` and `<root>/failures.lance`, each a Lance dataset; every write is
-a new version. The store's version is the version of its `utterances` table.
+a new version. The store's version is the version of its `utterances` table. `root` is a local folder
+or an object-storage URI (`s3://bucket/store`, see `featurestore.storage`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import lance
+import lance.fragment
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurestore import storage
 from featurestore.schema import (
     EMBEDDING_COLUMNS,
     FAILURES,
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCALAR_INDEX_COLUMNS = ("emotion", "sentiment", "split")
+SCALAR_INDEX_COLUMNS = ("emotion", "sentiment", "split")  # BITMAP: few distinct values
+KEY_INDEX = "key"  # BTREE: key lookups, and the commit's search for rows a key replaces
 _CONFLICT_RETRIES = 50
 
 
@@ -85,6 +89,27 @@ class WriteResult:
     updated: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     version: int | None = None
+
+
+@dataclass
+class WrittenFragments:
+    """What a worker wrote with `write_fragments`: Lance data files not yet part of any version, the keys
+    they hold, and the rows refused (for the failures table). Small: it travels to the committing process."""
+
+    fragments: list  # lance.FragmentMetadata
+    keys: list[str]
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass
+class UpkeepReport:
+    fragments_before: int
+    fragments_after: int
+    versions_before: int
+    versions_after: int
+    duplicates_removed: int
+    indices: list[str]
+    seconds: float
 
 
 @dataclass
@@ -140,8 +165,8 @@ def _retry_on_conflict(action, what: str):
 class Store:
     """A handle on the store at `root`, optionally pinned to a version or tag (then read-only)."""
 
-    def __init__(self, root: Path, embedding_dim: int, fused_dim: int, version: int | str | None = None):
-        self.root = Path(root)
+    def __init__(self, root: storage.Location, embedding_dim: int, fused_dim: int, version: int | str | None = None):
+        self.root = storage.location(root)
         self.embedding_dim = embedding_dim
         self.fused_dim = fused_dim
         self.pinned = version
@@ -152,7 +177,7 @@ class Store:
     @classmethod
     def open(
         cls,
-        root: Path | str,
+        root: storage.Location,
         *,
         create: bool = False,
         embedding_dim: int | None = None,
@@ -160,11 +185,12 @@ class Store:
         version: int | str | None = None,
     ) -> "Store":
         """Open the store at `root`; with `create`, make it (empty) first if absent."""
-        root = Path(root)
-        uri = root / f"{UTTERANCES}.lance"
-        if root.exists() and not root.is_dir():
+        root = storage.location(root)
+        storage.check_access(root)  # object storage: a wrong key, bucket or endpoint fails here, in one line
+        if isinstance(root, Path) and root.exists() and not root.is_dir():
             raise StoreNotFound(f"{root} is a file, not a merg store folder: point --store at a folder")
-        if not uri.exists() and not create:
+        uri = storage.join(root, f"{UTTERANCES}.lance")
+        if not storage.exists(uri) and not create:
             raise StoreNotFound(
                 f"no merg store at {root} (expected {uri}); create one with `merg preprocess --store {root}`"
             )
@@ -197,7 +223,7 @@ class Store:
         """Stores made before the merge keys were declared primary keys get the declaration now:
         without it, two processes upserting the same new key at once would both insert it."""
         for name, (_, fields) in {UTTERANCES: (None, ("key",)), **RECORD_TABLES}.items():
-            uri = self.root / f"{name}.lance"
+            uri = self._table_uri(name)
             if not _has_commits(uri):
                 continue
             dataset = _open_table(uri)
@@ -209,14 +235,16 @@ class Store:
                     log.warning("could not declare %s primary key on %s: %s", missing, name, exc)
 
     @staticmethod
-    def _create(root: Path, embedding_dim: int, fused_dim: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+    def _create(root: storage.Location, embedding_dim: int, fused_dim: int) -> None:
+        if not storage.is_uri(root):
+            root.mkdir(parents=True, exist_ok=True)
         for name, schema in ((UTTERANCES, utterances_schema(embedding_dim, fused_dim)), (FAILURES, FAILURES_SCHEMA)):
-            uri = root / f"{name}.lance"
+            uri = storage.join(root, f"{name}.lance")
             if _has_commits(uri):
                 continue
             try:
-                lance.write_dataset(schema.empty_table(), str(uri), schema=schema, mode="create")
+                lance.write_dataset(schema.empty_table(), str(uri), schema=schema, mode="create",
+                                    storage_options=storage.lance_options(uri))  # fmt: skip
             except (OSError, ValueError) as exc:  # another process created it first: fine
                 if not _has_commits(uri):
                     raise StoreError(f"could not create {uri}: {exc}") from exc
@@ -225,8 +253,20 @@ class Store:
         """A read-only view of this store at a version number or tag."""
         return Store.open(self.root, version=version)
 
+    def _table_uri(self, name: str) -> storage.Location:
+        return storage.join(self.root, f"{name}.lance")
+
+    @property
+    def uri(self) -> str:
+        """The store's URI, or its absolute local path."""
+        return storage.as_string(self.root)
+
+    def has_table(self, name: str) -> bool:
+        """Has the table (`targets`, an evaluation table, ...) been written to?"""
+        return _has_commits(self._table_uri(name))
+
     def _dataset(self, name: str, version: int | str | None = None) -> lance.LanceDataset:
-        return _open_table(self.root / f"{name}.lance", version)
+        return _open_table(self._table_uri(name), version)
 
     def _utterances(self) -> lance.LanceDataset:
         return self._dataset(UTTERANCES, self.pinned)
@@ -248,7 +288,7 @@ class Store:
                 why = _LANCE_SOURCE.sub("", text.splitlines()[0]).removeprefix("Invalid user input: ")
                 raise BadFilter(f"the filter {where!r} does not work on the store's {name!r} table: {why[:300]}") from exc
             if _DATA_DAMAGE.search(text) and not _DISK_FAULT.search(text):
-                raise damaged_table(self.root / f"{name}.lance", exc) from exc
+                raise damaged_table(storage.join(self.root, f"{name}.lance"), exc) from exc
             raise
 
     @property
@@ -319,10 +359,10 @@ class Store:
         self._writable()
         table = conform_records(name, rows)
         if table.num_rows:
-            uri = self.root / f"{name}.lance"
+            uri = self._table_uri(name)
             if not _has_commits(uri):
                 try:
-                    lance.write_dataset(table.schema.empty_table(), str(uri), mode="create")
+                    lance.write_dataset(table.schema.empty_table(), str(uri), mode="create", storage_options=storage.lance_options(uri))
                 except (OSError, ValueError):
                     if not _has_commits(uri):  # not another process creating it first: e.g. the disk is full
                         raise
@@ -345,7 +385,7 @@ class Store:
         self, name: str, where: str | None = None, columns: Sequence[str] | None = None, version: int | str | None = None
     ) -> pa.Table:
         """Rows of a record table (at `version`, a number or tag, else the latest); an absent table reads as empty."""
-        if not _has_commits(self.root / f"{name}.lance"):
+        if not self.has_table(name):
             schema = RECORD_TABLES[name][0]
             return schema.empty_table().select(list(columns)) if columns else schema.empty_table()
         with self._reading(name, where):
@@ -376,6 +416,124 @@ class Store:
                 spared = " OR ".join(f"({build_filter(key=k, stage=s)})" for k, s in sorted(kept.items()))
                 condition = f"{condition} AND NOT ({spared})"
             _retry_on_conflict(lambda: self._failures().delete(condition), "clear_failures")
+
+    # ---- fragments written by workers, committed here -------------------------------------------
+    def commit_fragments(
+        self, written: Sequence[WrittenFragments], replace: Iterable[str] | None = None, as_of: int | None = None
+    ) -> int:
+        """Make fragments that workers wrote (`write_fragments`) part of the store, in one commit: a Lance
+        Update that adds them and deletes every stored row of their keys, so a recomputed key replaces its
+        row and a key is never stored twice. Returns the new version. `replace` and `as_of`: a caller
+        that knows which of the keys were stored at version `as_of` (most are new in a first run) saves
+        the search for the others; once the store has moved past `as_of`, every key is searched.
+
+        A commit conflicts when another writer changed the same fragments since it read them; it is then
+        planned again against the newer version. Rows of these keys that another writer committed between
+        the read and the commit survive Lance's rebase (its conflict check sees fragments, not keys): those
+        are found after the commit and the older row of each key is deleted."""
+        self._writable()
+        fragments = [f for w in written for f in w.fragments]
+        keys = [k for w in written for k in w.keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("commit_fragments: a key is in two of the fragments; commit them separately")
+        if not fragments:
+            return self.version
+
+        known = None if replace is None else sorted(set(replace) & set(keys))
+
+        def commit() -> tuple[int, int]:
+            dataset = self._dataset(UTTERANCES)
+            lookup = keys if known is None or dataset.version != as_of else known
+            removed, updated = _delete_rows(dataset, _row_addresses(dataset, lookup))
+            operation = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
+            done = lance.LanceDataset.commit(dataset, operation, read_version=dataset.version, max_retries=_CONFLICT_RETRIES)
+            return dataset.version, done.version
+
+        read, version = _retry_on_conflict(commit, "commit fragments")
+        if version != read + 1:  # another writer committed in between: it may have stored some of these keys
+            self.drop_duplicate_keys(keys)
+        return version
+
+    def drop_duplicate_keys(self, keys: Sequence[str] | None = None) -> int:
+        """Leave one row per key (of `keys`, or every key): the newest by `created_at`, then by commit order.
+        Returns the rows deleted. Duplicates arise only from writers racing on the same key (see
+        `commit_fragments`) or from a process killed between such a commit and this clean-up."""
+        self._writable()
+
+        def drop() -> int:
+            dataset = self._dataset(UTTERANCES)
+            table = dataset.to_table(
+                columns=["key", "created_at"], filter=build_filter(key=list(keys)) if keys else None, with_row_address=True
+            )
+            if table.num_rows == pc.count_distinct(table.column("key")).as_py():
+                return 0
+            table = table.sort_by([("key", "ascending"), ("created_at", "descending"), ("_rowaddr", "descending")])
+            key = table.column("key").to_numpy(zero_copy_only=False)
+            older = np.concatenate([[False], key[1:] == key[:-1]])  # all but the first (newest) row of a key
+            addresses = table.column("_rowaddr").to_numpy()[older]
+            removed, updated = _delete_rows(dataset, addresses)
+            operation = lance.LanceOperation.Delete(updated_fragments=updated, deleted_fragment_ids=removed, predicate="duplicate keys")
+            lance.LanceDataset.commit(dataset, operation, read_version=dataset.version, max_retries=_CONFLICT_RETRIES)
+            log.warning("removed %d older duplicate row(s) of %d key(s)", len(addresses), len(set(key[older])))
+            return len(addresses)
+
+        return _retry_on_conflict(drop, "drop duplicate keys")
+
+    def compact_small_fragments(self, rows: int = 1024, rewrite=None) -> int:
+        """Merge the small fragments writers left (fewer than `rows` rows each) into fragments of about
+        `rows` rows, during a job, so that reads stay fast while it runs. The rewrite is Lance's
+        distributed compaction: planned here, each task executed by `rewrite(tasks, store_uri)` (default:
+        in this process; the preprocessing job hands them to Ray tasks, so no row passes through its
+        driver), committed here. Returns the fragments removed; 0 when another writer got in first."""
+        self._writable()
+        from lance.optimize import Compaction
+
+        dataset = self._dataset(UTTERANCES)
+        plan = Compaction.plan(dataset, {"target_rows_per_fragment": rows, "materialize_deletions": False})
+        if not plan.tasks:
+            return 0
+        results = rewrite(plan.tasks, self.root) if rewrite else [task.execute(dataset) for task in plan.tasks]
+        try:
+            return Compaction.commit(self._dataset(UTTERANCES), results).fragments_removed
+        except (OSError, ValueError) as exc:  # a commit of the same fragments won: the next round retries
+            log.info("compaction skipped: %s", str(exc).splitlines()[0][:200])
+            return 0
+
+    # ---- upkeep ----------------------------------------------------------------------------------
+    def optimize(self, retention: timedelta = timedelta(days=7)) -> UpkeepReport:
+        """Keep the store fast as it grows: one row per key, small fragments compacted (deleted rows
+        dropped), the scalar indexes built when missing and every index brought up to date, and versions
+        older than `retention` removed (tagged versions are always kept). Safe while other processes
+        read or write: a compaction that conflicts with a commit is planned again."""
+        self._writable()
+        started = time.perf_counter()
+        before = self._dataset(UTTERANCES)
+        fragments_before, versions_before = len(before.get_fragments()), len(before.versions())
+        duplicates = self.drop_duplicate_keys()
+        names = [UTTERANCES, *(n for n in RECORD_TABLES if self.has_table(n))]
+        self._refresh_indices()  # first: Lance compacts fragments an index covers apart from those it does not
+        for name in names:
+            _retry_on_conflict(lambda name=name: self._dataset(name).optimize.compact_files(materialize_deletions=True),
+                               f"compact {name}")  # fmt: skip
+        indices = self._refresh_indices()
+        for name in names:
+            self._dataset(name).cleanup_old_versions(older_than=retention, error_if_tagged_old_versions=False)
+        after = self._dataset(UTTERANCES)
+        return UpkeepReport(
+            fragments_before, len(after.get_fragments()), versions_before, len(after.versions()), duplicates,
+            indices, time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _refresh_indices(self) -> list[str]:
+        """The scalar indexes (built when missing), then every index of `utterances` extended to the rows
+        committed since it was built."""
+        dataset = self._dataset(UTTERANCES)
+        have = {name for index in dataset.describe_indices() for name in index.field_names}
+        if not have >= {*SCALAR_INDEX_COLUMNS, KEY_INDEX}:
+            self.create_indexes(scalar=True, only_missing=True)
+        _retry_on_conflict(lambda: self._dataset(UTTERANCES).optimize.optimize_indices(), "optimize indices")
+        return [f"{', '.join(i.field_names)}: {i.type_url.rsplit('.', 1)[-1].removesuffix('IndexDetails')}, {i.num_rows_indexed} rows"
+                for i in self._dataset(UTTERANCES).describe_indices()]  # fmt: skip
 
     # ---- reads ----------------------------------------------------------------------------------
     def query(
@@ -563,16 +721,19 @@ class Store:
 
     def create_indexes(
         self, *, scalar: bool = True, vectors: bool = False, column: str = "fused_emb",
-        num_partitions: int | None = None, num_sub_vectors: int | None = None,
+        num_partitions: int | None = None, num_sub_vectors: int | None = None, only_missing: bool = False,
     ) -> list[str]:  # fmt: skip
-        """BITMAP indexes on emotion/sentiment/split; with `vectors`, an IVF_PQ index (cosine)."""
+        """BITMAP indexes on emotion/sentiment/split and a BTREE on key; with `vectors`, an IVF_PQ index
+        (cosine). `only_missing`: leave scalar indexes that exist as they are."""
         self._writable()
         dataset = self._dataset(UTTERANCES)
         built = []
         if scalar:
-            for name in SCALAR_INDEX_COLUMNS:
-                dataset.create_scalar_index(name, index_type="BITMAP", replace=True)
-                built.append(f"{name}: BITMAP")
+            have = {name for index in dataset.describe_indices() for name in index.field_names} if only_missing else set()
+            for name, kind in [*((n, "BITMAP") for n in SCALAR_INDEX_COLUMNS), (KEY_INDEX, "BTREE")]:
+                if name not in have:
+                    dataset.create_scalar_index(name, index_type=kind, replace=True)
+                    built.append(f"{name}: {kind}")
         if vectors:
             rows = dataset.count_rows(filter=f"{column} IS NOT NULL")
             if rows < 256:
@@ -594,6 +755,39 @@ class Store:
         return self._utterances() if table == UTTERANCES else self._dataset(table)
 
 
+def write_fragments(root: storage.Location, rows: pa.Table | Iterable[dict], embedding_dim: int, fused_dim: int) -> WrittenFragments:
+    """Worker side of a distributed write: validate rows and write them as new data files of the store's
+    `utterances` table, in this process (local disk or object storage). Nothing is visible until one
+    process commits the returned metadata with `Store.commit_fragments`; files of a worker that dies
+    before that are never part of a version (upkeep deletes them after Lance's 7-day grace period)."""
+    table = rows if isinstance(rows, pa.Table) else _loose_table(list(rows))
+    valid, rejected = validate_utterances(table, embedding_dim, fused_dim)
+    fragments = []
+    if valid.num_rows:
+        uri = storage.join(storage.location(root), f"{UTTERANCES}.lance")
+        fragments = lance.fragment.write_fragments(valid, str(uri), schema=valid.schema, storage_options=storage.lance_options(uri))
+    return WrittenFragments(fragments, valid.column("key").to_pylist(), rejected)
+
+
+def _row_addresses(dataset: lance.LanceDataset, keys: Sequence[str]) -> np.ndarray:
+    """Row addresses (fragment id << 32 | offset) of the stored rows of `keys`."""
+    if not keys:
+        return np.zeros(0, np.uint64)
+    found = dataset.to_table(columns=["key"], filter=build_filter(key=list(keys)), with_row_address=True)
+    return found.column("_rowaddr").to_numpy()
+
+
+def _delete_rows(dataset: lance.LanceDataset, addresses: np.ndarray) -> tuple[list[int], list]:
+    """Deletion files for rows by address, not yet committed: (ids of fragments left empty, updated fragments)."""
+    addresses = np.asarray(addresses, np.uint64)
+    removed, updated = [], []
+    for fragment_id in np.unique(addresses >> np.uint64(32)):
+        offsets = (addresses[addresses >> np.uint64(32) == fragment_id] & np.uint64(0xFFFFFFFF)).tolist()
+        after = dataset.get_fragment(int(fragment_id)).delete_rows(offsets)
+        (updated.append(after) if after is not None else removed.append(int(fragment_id)))
+    return removed, updated
+
+
 def _loose_table(rows: list[dict]) -> pa.Table:
     """Rows as Arrow without forcing embedding widths, so a wrong width is a rejection, not a crash."""
     table = pa.Table.from_pylist(rows)
@@ -613,58 +807,66 @@ _DISK_FAULT = re.compile(r"No space left|os error 28|Read-only file system|os er
 _TABLE_IN_MESSAGE = re.compile(r"(/?[^\s'\"]*?([A-Za-z_]\w*)\.lance)/(?:data|_versions|_deletions|_indices|_transactions)\b")
 
 
-def _open_table(uri: Path, version: int | str | None = None) -> lance.LanceDataset:
-    """A Lance table; an unknown version is a StoreError, anything else that stops it opening StoreDamaged."""
+def _open_table(uri: storage.Location, version: int | str | None = None) -> lance.LanceDataset:
+    """A Lance table; an unknown version is a StoreError, object storage that refuses a StorageError,
+    anything else that stops it opening StoreDamaged."""
     try:
-        return lance.dataset(str(uri), version=version)
+        return lance.dataset(str(uri), version=version, storage_options=storage.lance_options(uri))
     except (ValueError, OSError) as exc:
+        if storage.is_uri(uri) and storage.explain(uri, exc):
+            raise storage.storage_error(uri, exc) from exc
         if version is not None and _opens(uri):
-            raise StoreError(f"{uri.parent}: no version or tag {version!r} of {uri.stem}") from exc
+            raise StoreError(f"{storage.parent(uri)}: no version or tag {version!r} of {_table_name(uri)}") from exc
         raise damaged_table(uri, exc) from exc
+
+
+def _table_name(uri: storage.Location) -> str:
+    return storage.name(uri).removesuffix(".lance")
 
 
 _LANCE_PARTS = {"data", "_versions", "_transactions", "_deletions", "_indices"}
 
 
-def _has_commits(uri: Path) -> bool:
+def _has_commits(uri: storage.Location) -> bool:
     """False for an absent record table and for one whose creation stopped before its first commit (a full
     disk, a kill): Lance's own folders and no manifest hold nothing committed, and creating over them is
     safe. A folder with anything else in it is left to `_open_table` to call damaged."""
-    if not uri.exists():
+    parts = storage.list_dir(uri)
+    if not parts:
         return False
     if versions_on_disk(uri):
         return True
-    return not all(part.name in _LANCE_PARTS for part in uri.iterdir())
+    return not all(part in _LANCE_PARTS for part in parts)
 
 
-def _opens(uri: Path) -> bool:
+def _opens(uri: storage.Location) -> bool:
     try:
-        lance.dataset(str(uri))
+        lance.dataset(str(uri), storage_options=storage.lance_options(uri))
         return True
     except (ValueError, OSError):
         return False
 
 
-def versions_on_disk(uri: Path) -> list[int]:
+def versions_on_disk(uri: storage.Location) -> list[int]:
     """Version numbers whose manifests are on disk (Lance names them either `N` or `2**64 - 1 - N`)."""
     numbers = []
-    for manifest in (Path(uri) / "_versions").glob("*.manifest"):
-        if manifest.stem.isdigit():
-            n = int(manifest.stem)
+    for manifest in storage.list_dir(storage.join(uri, "_versions")):
+        stem = manifest.removesuffix(".manifest")
+        if manifest.endswith(".manifest") and stem.isdigit():
+            n = int(stem)
             numbers.append(2**64 - 1 - n if n > 2**63 else n)
     return sorted(numbers)
 
 
-def damaged_table(uri: Path, exc: BaseException) -> StoreDamaged:
+def damaged_table(uri: storage.Location, exc: BaseException) -> StoreDamaged:
     """One line: which table is damaged, Lance's reason, and the versions that may still open."""
-    uri = Path(uri)
     why = _LANCE_SOURCE.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     versions = versions_on_disk(uri)
     hint = (
         f"earlier versions may still open with --version N (on disk: {', '.join(map(str, versions[-6:]))})"
         if versions else "no version manifests on disk: restore the table from a copy or rebuild it"
     )
-    return StoreDamaged(f"the store's {uri.stem!r} table is damaged ({uri}: {why[:300]}); {hint}")
+    return StoreDamaged(f"the store's {_table_name(uri)!r} table is damaged ({uri}: {why[:300]}); {hint}")
 
 
 def explain_store_error(exc: BaseException) -> str | None:
@@ -680,9 +882,13 @@ def explain_store_error(exc: BaseException) -> str | None:
     return str(damaged_table(uri, exc))
 
 
-def check_writable(root: Path | str) -> None:
-    """Refuse at once when the store's folder cannot be written (read-only mount, no permission)."""
-    root = Path(root)
+def check_writable(root: storage.Location) -> None:
+    """Refuse at once when the store's folder cannot be written (read-only mount, no permission; on object
+    storage: no access, no bucket, no endpoint)."""
+    root = storage.location(root)
+    if storage.is_uri(root):
+        storage.check_access(root, write=True)
+        return
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
     if not existing.is_dir():  # not a permission problem: nothing can be stored (or read) there
         what = f"{root} is a file" if existing == root else f"{existing} (on the way to {root}) is a file"

@@ -34,6 +34,8 @@ app.add_typer(evaluate_app, name="evaluate")
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (configs/...).")]
+# Store and MELD locations are strings, not Paths: a Path would fold an s3:// URI's `//`.
+STORE_HELP = "Store folder or s3://bucket/prefix (default: paths.store)."
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="Override any config field: section.field=value.")
 ]
@@ -43,9 +45,11 @@ def _config(config: Path | None, overrides: list[str] | None, **fields: object) 
     """Config from YAML, then explicit CLI options (`section__field=value`), then `--set` overrides."""
     explicit = [f"{k.replace('__', '.')}={v}" for k, v in fields.items() if v is not None]
     try:
-        return load_config(config, explicit + list(overrides or []))
+        cfg = load_config(config, explicit + list(overrides or []))
     except (ValueError, FileNotFoundError) as exc:
         _refuse(exc)
+    cfg.storage.apply()  # object-storage endpoint and credentials from the config, if it has them
+    return cfg
 
 
 _state: dict = {"verbose": False, "argv": []}
@@ -113,7 +117,7 @@ def _command_name(args: list[str]) -> str:
     return " ".join(names)
 
 
-def _refuse_read_only(store: Path) -> None:
+def _refuse_read_only(store: Path | str) -> None:
     """Write commands stop before any work when the store's folder cannot be written."""
     from featurestore.store import StoreNotFound, check_writable
 
@@ -131,7 +135,7 @@ def version() -> None:
 
 @data_app.command("synth")
 def data_synth(
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (MELD.Raw layout).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Output folder (MELD.Raw layout), or s3://bucket/prefix.")] = None,
     dialogues: Annotated[Optional[int], typer.Option(help="Dialogues in total over the three splits.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; same seed, same dataset.")] = None,
     faults: Annotated[Optional[bool], typer.Option("--faults/--no-faults", help="Inject real-data failures.")] = None,
@@ -144,14 +148,12 @@ def data_synth(
     overrides: SetOpt = None,
 ) -> None:
     """Generate a mini-MELD: real MELD lines spoken by espeak-ng, drawn faces, MELD's exact layout."""
-    from pipelines.synth import generate
-
     cfg = _config(
         config, overrides, synth__out=out_dir, synth__dialogues=dialogues, synth__seed=seed,
         synth__faults=faults, synth__text_from=text_from, synth__use_bank=bank, synth__workers=workers,
     )  # fmt: skip
-    report = generate(cfg.synth, meld_text=cfg.paths.meld_text)
-    table = Table(title=f"mini-MELD written to {report.out} ({report.seconds:.1f} s)")
+    report = _generate_anywhere(cfg)
+    table = Table(title=f"mini-MELD written to {cfg.synth.out} ({report.seconds:.1f} s)")
     for column in ("split", "dialogues", "utterances"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for split, n in report.utterances.items():
@@ -164,9 +166,25 @@ def data_synth(
             out.print(f"  {key}: {fault}")
 
 
+def _generate_anywhere(cfg: MergConfig):
+    """`generate` into cfg.synth.out; for an s3:// URI, into a temp folder that is then uploaded."""
+    import tempfile
+
+    from featurestore import storage
+    from pipelines.synth import generate
+
+    if not storage.is_uri(cfg.synth.out):
+        return generate(cfg.synth, meld_text=cfg.paths.meld_text)
+    storage.check_access(cfg.synth.out, write=True)
+    with tempfile.TemporaryDirectory(prefix="merg-synth-") as local:
+        report = generate(cfg.synth.model_copy(update={"out": Path(local)}), meld_text=cfg.paths.meld_text)
+        storage.upload_tree(Path(local), cfg.synth.out)
+    return report
+
+
 @data_app.command("summary")
 def data_summary(
-    meld_root: Annotated[Path, typer.Option(help="MELD root: the *_sent_emo.csv files and clip folders.")],
+    meld_root: Annotated[str, typer.Option(help="MELD root (folder or s3://bucket/prefix): the *_sent_emo.csv files and clip folders.")],
     splits: Annotated[str, typer.Option(help="Comma-separated splits.")] = "train,dev,test",
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Open each clip to find faulty ones.")] = True,
 ) -> None:
@@ -215,8 +233,8 @@ def models_fetch(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 
 @app.command()
 def preprocess(
-    meld_root: Annotated[Optional[Path], typer.Option(help="MELD root (default: synth.out).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    meld_root: Annotated[Optional[str], typer.Option(help="MELD root, a folder or s3://bucket/prefix (default: synth.out).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N utterances per split.")] = None,
     no_media: Annotated[Optional[bool], typer.Option("--no-media", help="Text and labels only.")] = None,
@@ -274,7 +292,7 @@ def preprocess(
 @targets_app.command("build")
 def targets_build(
     kind: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N examples per split.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher LLM: local HF folder (default: embedded SmolLM2).")] = None,
@@ -306,7 +324,7 @@ def targets_build(
 
 @app.command()
 def train(
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: runs/<name>.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base LLM: local HF folder (default: embedded SmolLM2).")] = None,
     modality: Annotated[Optional[str], typer.Option(help="text | audio | video | audio+video.")] = None,
@@ -363,7 +381,7 @@ def train(
     out.print(table)
 
 
-def _print_results(store_root: Path, cells: list[str]) -> None:
+def _print_results(store_root: Path | str, cells: list[str]) -> None:
     from featurestore.schema import EVAL_RESULTS
     from featurestore.store import Store, build_filter
 
@@ -394,7 +412,7 @@ def evaluate_command(
     preset: Annotated[Optional[str], typer.Option(help="default | reference | sample (comma-separated).")] = None,
     target: Annotated[Optional[str], typer.Option(help="next_utterance | teacher.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N pairs.")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -444,7 +462,7 @@ def evaluate_train_emotion_classifier(
 
 @app.command("sweep")
 def sweep_command(
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto.")] = None,
     config: ConfigOpt = None,
@@ -465,7 +483,7 @@ def sweep_command(
 
 @app.command("probe")
 def probe_command(
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     feature: Annotated[Optional[list[str]], typer.Option(help="text, audio_emb, vision_emb, fused_emb (repeatable; default all).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Probe again even where the same probe is stored.")] = False,
     config: ConfigOpt = None,
@@ -489,7 +507,7 @@ def probe_command(
 @app.command("report")
 def report_command(
     sweep: Annotated[Optional[str], typer.Option(help="Sweep name (default: every result in the store).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md/html (default evaluate.report_dir).")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -509,8 +527,8 @@ def report_command(
 @asd_app.command("show")
 def asd_show(
     key: Annotated[str, typer.Argument(help="Utterance key, e.g. train/dia3_utt1.")],
-    meld_root: Annotated[Optional[Path], typer.Option(help="MELD root (default: the store row's clip path).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
+    meld_root: Annotated[Optional[str], typer.Option(help="MELD root (default: the store row's clip path).")] = None,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     out_png: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default: asd_<key>.png).")] = None,
     tiles: Annotated[int, typer.Option(help="Frames on the sheet.")] = 8,
 ) -> None:
@@ -526,20 +544,23 @@ def asd_show(
 
         rows = _open_store(store).query(where=build_filter(key=key), columns=["clip_path"]).to_pylist()
         clip = rows[0]["clip_path"] if rows else None
-    if clip is None or not Path(clip).exists():
+    from featurestore import storage
+
+    if clip is None or not storage.exists(clip):
         _refuse(f"no clip for {key} (pass --meld-root, or preprocess it into the store first)")
     target = out_png or Path(f"asd_{key.replace('/', '_')}.png")
-    result = contact_sheet(clip, target, tiles=tiles)
+    with storage.local_copy(clip) as local:  # a clip in object storage: a temp copy
+        result = contact_sheet(local, target, tiles=tiles)
     out.print(f"{key}: {result.n_tracks} track(s), method {result.method}, score "
               f"{'-' if result.score is None else f'{result.score:.3f}'}, face visible {result.face_visible} -> {target}")  # fmt: skip
 
 
 # ---- merg store ------------------------------------------------------------------------------------
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store folder (default: paths.store).")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help=STORE_HELP)]
 VersionOpt = Annotated[Optional[str], typer.Option("--version", help="Read at a version number or tag.")]
 
 
-def _open_store(store: Path | None, version: str | None = None, config: Path | None = None):
+def _open_store(store: str | None, version: str | None = None, config: Path | None = None):
     from featurestore import Store, StoreError
 
     root = store or _config(config, None).paths.store
@@ -689,6 +710,25 @@ def store_index(
         _refuse(exc)
     for line in built:
         out.print(f"built {line}")
+
+
+@store_app.command("optimize")
+def store_optimize(
+    retention_days: Annotated[Optional[float], typer.Option(help="Remove versions older than this many days (default store.retention_days; tagged versions are kept).")] = None,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Store upkeep: one row per key, fragments compacted, scalar and vector indexes refreshed, old versions removed."""
+    from datetime import timedelta
+
+    cfg = _config(config, overrides, store__retention_days=retention_days)
+    report = _open_store(store or str(cfg.paths.store)).optimize(timedelta(days=cfg.store.retention_days))
+    out.print(f"fragments {report.fragments_before} -> {report.fragments_after}, versions {report.versions_before} -> "
+              f"{report.versions_after} (older than {cfg.store.retention_days:g} days removed, tagged kept), "
+              f"{report.duplicates_removed} duplicate rows removed, {report.seconds:.1f} s")  # fmt: skip
+    for line in report.indices:
+        out.print(f"index {line}")
 
 
 @store_app.command("export")

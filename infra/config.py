@@ -10,15 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from infra.models import EMBEDDED_LLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _path_or_uri(value: Any) -> Any:
+    """An object-storage URI (s3://bucket/prefix) stays a str: a Path would fold its `//`."""
+    if isinstance(value, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+        return value.rstrip("/")
+    return Path(value) if isinstance(value, str) else value
+
+
+# A local folder or an object-storage URI (featurestore.storage reads and writes both).
+Location = Annotated[Union[Path, str], BeforeValidator(_path_or_uri)]
 
 
 class _Section(BaseModel):
@@ -45,7 +57,7 @@ class PathsConfig(_Section):
 
     data_root: Path = Path("data")
     meld_text: Path | None = Field(default_factory=_default_meld_text)
-    store: Path = Path("data/store")
+    store: Location = Field(Path("data/store"), description="the feature store: a folder or s3://bucket/prefix")
     model_cache: Path = Field(default_factory=_default_model_cache)
     runs: Path = Path("runs")
 
@@ -53,7 +65,7 @@ class PathsConfig(_Section):
 class SynthConfig(_Section):
     """The mini-MELD generator (`merg data synth`)."""
 
-    out: Path = Path("data/mini-meld")
+    out: Location = Field(Path("data/mini-meld"), description="a folder, or s3://bucket/prefix (generated locally, then uploaded)")
     dialogues: int = Field(40, ge=3, description="dialogues in total, spread over train/dev/test")
     seed: int = 0
     faults: bool = False
@@ -80,7 +92,7 @@ class SynthConfig(_Section):
 class PreprocessConfig(_Section):
     """The preprocessing job (`merg preprocess`): MELD -> decode -> ImageBind -> fuse -> store."""
 
-    meld_root: Path | None = Field(None, description="MELD root (CSVs + clip folders); default synth.out")
+    meld_root: Location | None = Field(None, description="MELD root (CSVs + clip folders), a folder or s3://bucket/prefix; default synth.out")
     splits: list[Literal["train", "dev", "test"]] = ["train", "dev", "test"]
     limit: int | None = Field(None, ge=1, description="first N utterances per split (smoke runs)")
     no_media: bool = Field(False, description="ingest text and labels only, no clips")
@@ -93,7 +105,15 @@ class PreprocessConfig(_Section):
     decode_concurrency: int | None = Field(
         None, ge=1, description="most decode tasks at once (default: every CPU of the cluster, to keep the encoders fed)"
     )
-    write_batch: int = Field(64, ge=1, description="rows per store commit")
+    write_batch: int = Field(8, ge=1, description="rows per fragment a writer task writes to the store (small: rows reach the store soon)")
+    commit_interval_s: float = Field(
+        30.0, gt=0, description="the driver commits what the writers wrote at least this often (a kill loses at most this much finished work)"
+    )
+    commit_rows: int = Field(4096, ge=1, description="... and whenever this many rows wait to be committed")
+    compact_every: int | None = Field(
+        256, ge=1, description="merge the writers' small fragments every this many (reads stay fast during the job); null: only after it"
+    )
+    optimize: bool = Field(True, description="store upkeep after the job (compact, refresh indices, drop old versions)")
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None
     encoder_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -138,6 +158,45 @@ REPLY_SYSTEM_PROMPT = (
     "respond with empathy to how the last speaker feels."
 )
 
+
+
+class StorageConfig(_Section):
+    """Object storage (s3:// URIs for MELD and the store): a field left unset comes from the standard AWS
+    variable (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Keep secrets out of
+    the repository: set them in the environment or a config file of your own."""
+
+    endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS)")
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+
+    def settings(self) -> dict[str, str | None]:
+        """As `featurestore.storage.S3Settings` takes them."""
+        secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
+        return dict(endpoint=self.endpoint, region=self.region, access_key_id=self.access_key_id, secret_access_key=secret)
+
+    def resolved(self) -> "StorageConfig":
+        """These settings completed from this process's AWS variables: for Ray tasks on other nodes,
+        whose environment may not have them."""
+        from featurestore import storage
+
+        current = storage.settings().as_dict()
+        return StorageConfig(**{k: v for k, v in current.items() if v is not None})
+
+    def apply(self) -> None:
+        """Make these this process's object-storage settings (`featurestore.storage`), when any is set."""
+        if any(self.settings().values()):
+            from featurestore import storage
+
+            storage.configure(self.settings())
+
+
+class StoreConfig(_Section):
+    """Store upkeep (after a preprocessing job, and `merg store optimize`)."""
+
+    retention_days: float = Field(
+        7.0, ge=0, description="versions older than this are removed by upkeep (tagged versions are always kept)"
+    )
 
 
 class TargetsConfig(_Section):
@@ -265,6 +324,8 @@ class EvaluateConfig(_Section):
 
 class MergConfig(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)

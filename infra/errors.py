@@ -74,12 +74,13 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def explain(exc: BaseException) -> str:
     """Why it failed, in one line: known machine faults get their fix, anything else its type and message."""
+    from featurestore.storage import StorageError
     from featurestore.store import StoreError, explain_store_error
     from infra.tools import ToolUnavailable
 
     for cause in _causes(exc):
         text = str(cause)
-        if isinstance(cause, (ToolUnavailable, StoreError, InvalidInput, Interrupted)):  # merg's own messages say what to do
+        if isinstance(cause, (ToolUnavailable, StoreError, InvalidInput, Interrupted, StorageError)):  # merg's own messages say what to do
             return explain_store_error(cause) or _one_line(text)
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in text or "os error 28" in text:
             where = f" ({cause.filename})" if isinstance(cause, OSError) and cause.filename else ""

@@ -8,9 +8,12 @@ stages exist only when their checkpoints are given (otherwise faces are Haar's a
 the decode tasks find the tracks themselves).
 
 Every CSV utterance ends up as one store row; a clip that is missing or bad gets its row with null
-embeddings and a `failures` record saying why. Rows are committed in batches as results stream in,
-so a killed job keeps what it finished; a re-run skips keys already stored with the same clip hash
-and config hash (`force` recomputes).
+embeddings and a `failures` record saying why. The last stage's workers write their rows to the store
+as Lance fragments themselves; the driver receives only the fragments' metadata and commits it every
+`commit_interval_s` seconds (`Store.commit_fragments`: exactly once by key), so a killed job keeps what
+was committed and loses at most the last interval's work. A re-run skips keys already stored with the
+same clip and config hash (`force` recomputes). MELD and the store may be on object storage (s3://):
+each decode task reads its clip from there itself.
 """
 
 from __future__ import annotations
@@ -18,17 +21,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import queue
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from featurestore import Store
+from featurestore import Store, storage
+from featurestore.store import WrittenFragments, write_fragments
 from infra.config import MergConfig, PreprocessConfig
 from infra.progress import progress_bar
 from pipelines.decode import (
@@ -54,7 +63,7 @@ _FRAMES_SHAPE = (VIDEO_CLIPS, FRAMES_PER_CLIP, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 @dataclass
 class PreprocessReport:
-    store: Path
+    store: storage.Location
     store_version: int
     encoder: str
     encoder_checkpoint: str
@@ -62,21 +71,68 @@ class PreprocessReport:
     config_hash: str
     total: int = 0
     skipped: int = 0
-    embedded: int = 0  # rows written with at least one embedding
+    embedded_keys: set[str] = field(default_factory=set)  # rows the store took with at least one embedding
     text_only: int = 0  # rows written without media (no clip, or --no-media)
     failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count, this run
     seconds: float = 0.0
     media_seconds: float = 0.0
+    commits: int = 0  # commits of worker-written fragments
+    upkeep: Any = None  # featurestore.store.UpkeepReport, when the job ran it
+
+    @property
+    def embedded(self) -> int:
+        return len(self.embedded_keys)
 
 
 # ---- stages ----------------------------------------------------------------------------------------
-# Between the decode and crop stages a row is {"key", "clip": DecodedClip} (the clip's speaker work rides
-# along, pickled); the crop stage turns it into fixed-shape arrays for the encoder.
-def decode_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
+# Between the decode and crop stages a row is {"key", "clip": DecodedClip, "clip_sha256"} (the clip's
+# speaker work rides along, pickled); the crop stage turns it into fixed-shape arrays for the encoder.
+# `storage_settings`: the driver's object-storage endpoint and credentials (featurestore.storage).
+def decode_row(row: dict[str, Any], speaker: SpeakerSettings, storage_settings: dict | None = None) -> dict[str, Any]:
     """CPU stage: probe, audio, the speaker stage's frames and shot cuts; without an S3FD stage to wait
-    for, the tracks too (so the clip's frames never leave the task)."""
-    clip = decode_media(row["key"], row["path"] or None, speaker)
-    return {"key": row["key"], "clip": clip if _has_s3fd_stage(speaker) else track_step(clip, speaker.method == "talknet")}
+    for, the tracks too (so the clip's frames never leave the task). A clip in object storage is read
+    from there by this task (into its own temp folder); its sha256 is taken from the bytes decoded."""
+    storage.configure(storage_settings)
+    path = row["path"] or None
+    try:
+        with storage.local_copy(path) if path else _no_file() as local:
+            clip = decode_media(row["key"], str(local) if local else None, speaker)
+            if not _has_s3fd_stage(speaker):
+                track_step(clip, speaker.method == "talknet")
+            sha = _clip_sha256(local) if local else None
+    except (FileNotFoundError, storage.StorageError) as exc:  # an object gone since planning, or refused
+        reason = "missing_file" if isinstance(exc, FileNotFoundError) else "unreadable"
+        clip, sha = DecodedClip(key=row["key"], failure=("read", reason, f"{path}: {exc}"[:500])), None
+    _point_at(clip, path)
+    return {"key": row["key"], "clip": clip, "clip_sha256": sha or ""}
+
+
+@contextmanager
+def _no_file():
+    yield None
+
+
+def _point_at(clip: DecodedClip, path: str | None) -> None:
+    """Name the clip by its own path or URI again (not a worker's temp copy), for the stages after."""
+    clip.path = path
+    if clip.speaker is not None and clip.speaker.clip.path:
+        clip.speaker.clip.path = path
+
+
+@contextmanager
+def _clip_on_disk(clip: DecodedClip):
+    """For a later stage that reads the clip's file again (decord): a clip in object storage is copied
+    into this worker's temp folder for the step, so no stage depends on another stage's disk."""
+    path = clip.path
+    if not storage.is_uri(path):
+        yield
+        return
+    with storage.local_copy(path) as local:
+        _point_at(clip, str(local))
+        try:
+            yield
+        finally:
+            _point_at(clip, path)
 
 
 class S3FDStage:
@@ -91,9 +147,12 @@ class S3FDStage:
         return batch
 
 
-def track_row(row: dict[str, Any], talknet: bool) -> dict[str, Any]:
+def track_row(row: dict[str, Any], talknet: bool, storage_settings: dict | None = None) -> dict[str, Any]:
     """CPU stage: tracks within shots (Haar faces when no S3FD stage ran); `sync` decides here."""
-    return {"key": row["key"], "clip": track_step(row["clip"], talknet)}
+    storage.configure(storage_settings)
+    with _clip_on_disk(row["clip"]):
+        track_step(row["clip"], talknet)
+    return {"key": row["key"], "clip": row["clip"], "clip_sha256": row["clip_sha256"]}
 
 
 class TalkNetStage:
@@ -108,9 +167,12 @@ class TalkNetStage:
         return batch
 
 
-def crop_row(row: dict[str, Any], speaker: SpeakerSettings) -> dict[str, Any]:
+def crop_row(row: dict[str, Any], speaker: SpeakerSettings, storage_settings: dict | None = None) -> dict[str, Any]:
     """CPU stage: the speaker's face cut from ImageBind's frames, as fixed-shape arrays plus flags."""
-    return clip_row(crop_speaker(row["clip"], speaker))
+    storage.configure(storage_settings)
+    with _clip_on_disk(row["clip"]):
+        cropped = crop_speaker(row["clip"], speaker)
+    return {**clip_row(cropped), "clip_sha256": row["clip_sha256"]}
 
 
 def clip_row(clip: DecodedClip) -> dict[str, Any]:
@@ -206,10 +268,10 @@ def _vectors(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(~present))
 
 
-def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict], sha: dict[str, str]) -> pa.Table:
+def _media_rows(batch: dict[str, np.ndarray], meta: dict[str, dict]) -> pa.Table:
     """Join a result batch with the utterances' metadata into store rows."""
     keys = [str(k) for k in batch["key"]]
-    table = pa.Table.from_pylist([dict(meta[k], clip_sha256=sha[k]) for k in keys])
+    table = pa.Table.from_pylist([dict(meta[k], clip_sha256=str(sha) or None) for k, sha in zip(keys, batch["clip_sha256"])])
     has_audio, has_frames = batch["has_audio_feat"].astype(bool), batch["has_frames"].astype(bool)
     face = batch["face_visible"].astype(int)
     box = batch["speaker_box"].astype(np.float32)
@@ -252,7 +314,8 @@ def preprocess_config_hash(pc: PreprocessConfig, encoder: str, weights: str) -> 
 
 
 def _hash_clips(records: list[Utterance]) -> dict[str, str | None]:
-    paths = {r.key: r.clip_path for r in records if r.clip_path is not None}
+    """sha256 of the clips on a local disk (clips in object storage are hashed by their decode task)."""
+    paths = {r.key: r.clip_path for r in records if r.clip_path is not None and not storage.is_uri(r.clip_path)}
     with ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
         return dict(zip(paths, pool.map(_clip_sha256, paths.values())))
 
@@ -275,7 +338,7 @@ def decode_memory_request(path: str, frames_out: bool = False, s3fd_input: bool 
     return decode_memory(*geometry, frames_out=frames_out, s3fd_input=s3fd_input) if geometry else DECODE_BASE_MEMORY
 
 
-def _decoded(items: list[dict], pc: PreprocessConfig):
+def _decoded(items: list[dict], pc: PreprocessConfig, storage_settings: dict | None = None):
     """Decode tasks that each request the memory their clip needs: clips are grouped by request
     (512 MiB steps, at most the largest node's memory), one map per group, the groups' outputs joined."""
     import ray
@@ -296,7 +359,7 @@ def _decoded(items: list[dict], pc: PreprocessConfig):
         ray.data.from_items(group, override_num_blocks=len(group))
         # Declaring memory also keeps Ray from fusing decode into the next stage (ops with equal
         # resource requests are fused), so decode stays parallel CPU tasks.
-        .map(decode_row, fn_kwargs={"speaker": speaker}, num_cpus=1, memory=memory,
+        .map(decode_row, fn_kwargs={"speaker": speaker, "storage_settings": storage_settings}, num_cpus=1, memory=memory,
              compute=ray.data.TaskPoolStrategy(size=pc.decode_concurrency))  # fmt: skip
         for memory, group in sorted(groups.items())
     ]
@@ -329,17 +392,17 @@ def _speaker_pool(pc: PreprocessConfig) -> dict:
     return dict(compute=pool, num_gpus=pc.asd_gpus, num_cpus=0, batch_size=batch, batch_format="numpy")
 
 
-def _speaker_crops(decoded, pc: PreprocessConfig):
+def _speaker_crops(decoded, pc: PreprocessConfig, storage_settings: dict | None = None):
     """decoded clips -> faces (S3FD actors) -> tracks (CPU) -> scores (TalkNet actors) -> crops (CPU)."""
     speaker = speaker_settings(pc)
     actors = _speaker_pool(pc)
     ds = decoded
     if _has_s3fd_stage(speaker):  # (otherwise the decode tasks tracked Haar's faces)
         ds = ds.map_batches(S3FDStage, fn_constructor_kwargs={"checkpoint": speaker.s3fd_checkpoint}, **actors)
-        ds = ds.map(track_row, fn_kwargs={"talknet": speaker.method == "talknet"})
+        ds = ds.map(track_row, fn_kwargs={"talknet": speaker.method == "talknet", "storage_settings": storage_settings})
     if speaker.method == "talknet":
         ds = ds.map_batches(TalkNetStage, fn_constructor_kwargs={"checkpoint": speaker.talknet_checkpoint}, **actors)
-    return ds.map(crop_row, fn_kwargs={"speaker": speaker})
+    return ds.map(crop_row, fn_kwargs={"speaker": speaker, "storage_settings": storage_settings})
 
 
 def _write(store: Store, rows: pa.Table | list[dict], report: PreprocessReport) -> set[str]:
@@ -367,6 +430,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     started = time.perf_counter()
     pc = config.preprocess
     meld_root = pc.meld_root or config.synth.out
+    config.storage.apply()
 
     # read manifest
     readings = read_splits(meld_root, pc.splits)
@@ -379,7 +443,7 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     config_hash = preprocess_config_hash(pc, encoder, weights)
     store = Store.open(config.paths.store, create=True, embedding_dim=dim, fused_dim=fused_width(pc.fusion, dim))
     report = PreprocessReport(
-        store=Path(config.paths.store), store_version=store.version, encoder=encoder,
+        store=config.paths.store, store_version=store.version, encoder=encoder,
         encoder_checkpoint=weights, fusion=pc.fusion, config_hash=config_hash, total=len(records),
     )  # fmt: skip
     provenance = dict(
@@ -395,11 +459,10 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
     text_only = [r for r in records if r.clip_path is None or pc.no_media]
     sha = _hash_clips(media)
     done = {} if pc.force else {
-        row["key"]: (row["clip_sha256"], row["config_hash"])
-        for row in store.query(columns=["key", "clip_sha256", "config_hash"]).to_pylist()
+        row["key"]: row for row in store.query(columns=["key", "clip_sha256", "config_hash", "created_at"]).to_pylist()
     }  # fmt: skip
     todo_text = [r for r in text_only if r.key not in done]
-    todo_media = [r for r in media if done.get(r.key) != (sha[r.key], config_hash)]
+    todo_media = [r for r in media if not _unchanged(r, done.get(r.key), sha, config_hash)]
     report.skipped = len(records) - len(todo_text) - len(todo_media)
     meta = {r.key: _metadata_row(r, provenance) for r in todo_text + todo_media}
     failed_before = set(store.failures(columns=["key"]).column("key").to_pylist())
@@ -417,16 +480,28 @@ def run_preprocess(config: MergConfig) -> PreprocessReport:
 
     if todo_media:
         media_started = time.perf_counter()
-        _run_media(config, store, todo_media, meta, sha, failed_before, report)
+        _run_media(config, store, todo_media, meta, failed_before, report)
         report.media_seconds = time.perf_counter() - media_started
+    if pc.optimize and (todo_media or todo_text):
+        report.upkeep = store.optimize(timedelta(days=config.store.retention_days))
     report.store_version = store.version
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _unchanged(record: Utterance, stored: dict | None, sha: dict[str, str | None], config_hash: str) -> bool:
+    """Is the stored row of this clip current: the same config, and the same clip? On a local disk the
+    clip's sha256 says; in object storage the clip's modification time, older than the row, so that
+    planning reads no clip (its decode task hashes what it reads)."""
+    if stored is None or stored["config_hash"] != config_hash:
+        return False
+    if storage.is_uri(record.clip_path):
+        return bool(stored["clip_sha256"]) and record.clip_modified is not None and record.clip_modified < stored["created_at"]
+    return stored["clip_sha256"] == sha.get(record.key)
+
+
 def _run_media(
-    config: MergConfig, store: Store, todo: list[Utterance], meta: dict, sha: dict, failed_before: set[str],
-    report: PreprocessReport,
+    config: MergConfig, store: Store, todo: list[Utterance], meta: dict, failed_before: set[str], report: PreprocessReport,
 ) -> None:
     import ray
 
@@ -434,8 +509,9 @@ def _run_media(
 
     pc = config.preprocess
     init_ray(pc.ray_address, num_cpus=pc.num_cpus)
+    settings = storage.settings().as_dict()  # the tasks that read clips and write fragments use the driver's
     items = [{"key": r.key, "path": str(r.clip_path)} for r in todo]
-    ds = _speaker_crops(_decoded(items, pc), pc)
+    ds = _speaker_crops(_decoded(items, pc, settings), pc, settings)
     ds = ds.map_batches(
         ImageBindStage,
         fn_constructor_kwargs=dict(
@@ -447,20 +523,183 @@ def _run_media(
         compute=ray.data.ActorPoolStrategy(size=pc.encoder_actors), num_gpus=pc.encoder_gpus, num_cpus=0,
         batch_size=pc.batch_size, batch_format="numpy",
     )  # fmt: skip
-    ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy")
-    embedded: set[str] = set()  # keys stored with an embedding: what the summary counts
-    with progress_bar("preprocessing clips", len(items)) as advance:
-        for batch in ds.iter_batches(batch_size=pc.write_batch, batch_format="numpy"):
-            keys = [str(k) for k in batch["key"]]
-            rejected = _write(store, _media_rows(batch, meta, sha), report)
-            failed = [
-                (k, str(s), str(r), str(d))
-                for k, s, r, d in zip(keys, batch["fail_stage"], batch["fail_reason"], batch["fail_detail"])
-                if r
-            ]
-            _settle_failures(store, keys, failed, rejected, failed_before)
-            report.failures.update((s, r) for _, s, r, _ in failed)
-            has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
-            embedded.update(k for k, h in zip(keys, has_any) if h and k not in rejected)
-            report.embedded = len(embedded)
-            advance(len(keys))
+    # fuse + write (fused into one task) take no CPU slot: light work that must not wait behind the decode
+    # tasks holding every CPU, or no row reaches the store before the last clip is decoded
+    ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy", num_cpus=0)
+    ds = ds.map_batches(write_batch, **writer_arguments(store, pc.write_batch, meta, settings))
+    committer = FragmentCommitter(
+        store, pc.commit_interval_s, pc.commit_rows, on_commit=lambda batches: [_book(store, b, failed_before, report) for b in batches],
+        compact_every=pc.compact_every, rewrite=_rewrite_in_tasks(settings),
+    )  # fmt: skip
+    commit_written(ds, committer, len(items))
+    report.commits = committer.commits
+
+
+# ---- the writer: workers write fragments, the driver commits them --------------------------------------
+@dataclass
+class WrittenBatch:
+    """One writer task's result, sent to the driver: the fragment it wrote (metadata only) and what the
+    driver books once that fragment is committed."""
+
+    written: WrittenFragments
+    keys: list[str]  # every key of the batch (rejected rows included)
+    failed: list[tuple[str, str, str, str]]  # (key, stage, reason, detail) of the clips that failed a stage
+    embedded: list[str]  # keys of the rows with at least one embedding
+
+
+def write_batch(
+    batch: dict[str, np.ndarray], meta: dict, store_root: storage.Location, embedding_dim: int, fused_dim: int,
+    storage_settings: dict | None = None,
+) -> dict[str, np.ndarray]:
+    """Last stage (CPU task): the batch's store rows, written as a Lance fragment by this worker; returns
+    one row holding the pickled `WrittenBatch` (no embeddings go to the driver)."""
+    storage.configure(storage_settings)
+    keys = [str(k) for k in batch["key"]]
+    failed = [(k, str(s), str(r), str(d)) for k, s, r, d in zip(keys, batch["fail_stage"], batch["fail_reason"], batch["fail_detail"]) if r]
+    has_any = batch["has_audio_feat"].astype(bool) | batch["has_frames"].astype(bool)
+    result = WrittenBatch(
+        write_fragments(store_root, _media_rows(batch, meta), embedding_dim, fused_dim), keys, failed,
+        [k for k, h in zip(keys, has_any) if h],
+    )  # fmt: skip
+    return {"written": np.array([pickle.dumps(result)], dtype=object)}
+
+
+def writer_arguments(store: Store, rows: int, meta: dict, storage_settings: dict | None) -> dict:
+    """`map_batches` arguments of the writer stage (`write_batch`): `rows` a fragment, no CPU slot."""
+    return dict(
+        batch_size=rows, batch_format="numpy", num_cpus=0,
+        fn_kwargs=dict(meta=meta, store_root=store.root, embedding_dim=store.embedding_dim, fused_dim=store.fused_dim,
+                       storage_settings=storage_settings),
+    )  # fmt: skip
+
+
+def commit_written(ds, committer: "FragmentCommitter", total: int) -> None:
+    """Run the job (`ds` ends in the writer stage), committing what the writers wrote as it arrives."""
+    with progress_bar("preprocessing clips", total) as advance:
+        # no prefetching: each writer's result is taken as soon as it is there, not when the next one is
+        for results in with_ticks(ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"), every=1.0):
+            for written in results["written"] if results is not None else ():
+                batch = pickle.loads(written)
+                committer.add(batch)
+                advance(len(batch.keys))
+            committer.commit_if_due()
+        committer.commit()
+
+
+def _book(store: Store, batch: WrittenBatch, failed_before: set[str], report: PreprocessReport) -> None:
+    """After a batch's fragment is committed: its rejected rows and failed clips go to `failures`, and
+    earlier failures that did not recur leave it (`_settle_failures`)."""
+    rejected = {r.key for r in batch.written.rejected}
+    refusals = [(r.key, "store", r.reason, r.detail) for r in batch.written.rejected]
+    _settle_failures(store, batch.keys, batch.failed + refusals, rejected, failed_before)
+    report.failures.update((s, r) for _, s, r, _ in batch.failed + refusals)
+    report.embedded_keys.update(k for k in batch.embedded if k not in rejected)  # rows the store took
+
+
+class FragmentCommitter:
+    """The driver's side of the write: collects what writer tasks wrote and commits it with
+    `Store.commit_fragments` every `interval_s` seconds (the first at once) or `max_rows` rows, then
+    hands the committed batches to `on_commit` (failure bookkeeping). It knows which keys are stored (as
+    of a version), so that a commit searches the store only for those; when another writer has
+    committed in between it looks again. A key seen twice (a retried task whose first result also
+    arrived) waits for the next commit, where it replaces the first. Every `compact_every` fragments it
+    merges the small ones (`Store.compact_small_fragments`, rewritten by `rewrite`), so that the store
+    stays fast to read while the job runs."""
+
+    def __init__(self, store: Store, interval_s: float, max_rows: int, on_commit=None, compact_every: int | None = None,
+                 rewrite=None):  # fmt: skip
+        self.store, self.interval_s, self.max_rows = store, interval_s, max_rows
+        self._know_stored()
+        self.on_commit = on_commit or (lambda batches: None)
+        self.compact_every, self.rewrite, self.uncompacted = compact_every, rewrite, 0
+        self.pending: list[WrittenBatch] = []
+        self.pending_keys: set[str] = set()
+        self.last = float("-inf")
+        self.commits = 0
+
+    def add(self, batch: WrittenBatch) -> None:
+        if self.pending_keys & set(batch.written.keys):
+            self.commit()
+        self.pending.append(batch)
+        self.pending_keys.update(batch.written.keys)
+        if len(self.pending_keys) >= self.max_rows:
+            self.commit()
+
+    def commit_if_due(self) -> None:
+        if self.pending and time.monotonic() - self.last >= self.interval_s:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        batches, self.pending = self.pending, []
+        keys, self.pending_keys = self.pending_keys, set()
+        version = self.store.commit_fragments([b.written for b in batches], replace=keys & self.stored, as_of=self.as_of)
+        self.stored |= keys
+        self._moved_to(version)
+        self.last = time.monotonic()
+        self.commits += 1
+        log.info("committed %d rows as store version %d", len(keys), version)
+        self.on_commit(batches)
+        self.uncompacted += sum(len(b.written.fragments) for b in batches)
+        if self.compact_every and self.uncompacted >= self.compact_every:
+            self.uncompacted = 0
+            if self.store.compact_small_fragments(rewrite=self.rewrite):
+                self._moved_to(self.store.version)  # the same rows: only the version moved
+
+    def _moved_to(self, version: int) -> None:
+        """After this process's own commit: if nobody else committed in between, what is stored is known still."""
+        if version == self.as_of + 1:
+            self.as_of = version
+        else:
+            self._know_stored()
+
+    def _know_stored(self) -> None:
+        dataset = self.store.lance_dataset()
+        self.as_of, self.stored = dataset.version, set(dataset.to_table(columns=["key"]).column("key").to_pylist())
+
+
+def _rewrite_in_tasks(storage_settings: dict | None):
+    """Compaction tasks run as Ray tasks (no CPU slot: they must not wait behind the decode tasks), so
+    that the rows they rewrite never pass through the driver."""
+
+    def rewrite(tasks: list, root: storage.Location) -> list:
+        import ray
+
+        remote = ray.remote(num_cpus=0)(_execute_compaction)
+        return ray.get([remote.remote(task, root, storage_settings) for task in tasks])
+
+    return rewrite
+
+
+def _execute_compaction(task, root: storage.Location, storage_settings: dict | None):
+    storage.configure(storage_settings)
+    return task.execute(Store.open(root).lance_dataset())
+
+
+def with_ticks(items: Iterable, every: float) -> Iterator:
+    """The items of `items` (iterated in a thread), with a None whenever `every` seconds pass without one:
+    the caller can act on time (commit) while the stream is slow."""
+    channel: queue.Queue = queue.Queue(maxsize=256)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                channel.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            channel.put(exc)
+        channel.put(done)
+
+    threading.Thread(target=pump, name="merg-results", daemon=True).start()
+    while True:
+        try:
+            item = channel.get(timeout=every)
+        except queue.Empty:
+            yield None
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -72,13 +72,17 @@ def outside_root(path: Path | str, roots: tuple[Path, ...]) -> tuple[str, str] |
 
 
 def clip_geometry(path: Path | str) -> tuple[int, int, float, float] | None:
-    """(width, height, seconds, fps) from the container header alone (no demuxing); None if unreadable."""
+    """(width, height, seconds, fps) from the container header alone (no demuxing); None if unreadable.
+    A clip in object storage is read in ranges (only the header's)."""
     import av
 
-    if check_clip_path(path) is not None:
+    from featurestore import storage
+
+    if not storage.is_uri(path) and check_clip_path(path) is not None:
         return None
     try:
-        with av.open(str(path)) as container:
+        source = storage.open_input_file(path) if storage.is_uri(path) else str(path)
+        with av.open(source) as container:
             video = next(iter(container.streams.video), None)
             if video is None:
                 return None

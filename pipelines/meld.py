@@ -9,6 +9,8 @@ Layout (either flat, or with each split's files under a `train/`, `dev/`, `test/
 The copies of the CSVs inside the MELD.Raw archive show mojibake (`Â’`, `â€™`); the repository
 copies are clean UTF-8. Both are repaired with ftfy so that they read the same. Every CSV row becomes
 a record, whether or not its clip exists: `clip_status` says which, so nothing is dropped silently.
+The root may be a folder or an object-storage URI (`s3://bucket/MELD.Raw`): there a clip folder is
+listed once, and each clip's URI is its `clip_path`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 import ftfy
 
+from featurestore import storage
 from featurestore.schema import SPLITS, utterance_key
 
 log = logging.getLogger(__name__)
@@ -61,11 +65,12 @@ class Utterance:
     episode: int | None
     start_time: str
     end_time: str
-    clip_path: Path | None
+    clip_path: Path | str | None  # a local path, or the clip's URI in object storage
     clip_status: str  # "found" | "missing" (CSV row, no file) | "no_media" (no clip folder at all)
     # | "outside_root" (a link out of the MELD root: refused, its path not kept)
     sr_no: int | None = None
     clip_detail: str = ""  # why the clip is refused
+    clip_modified: datetime | None = None  # in object storage: when the clip was last written (UTC)
 
     @property
     def clip_failure(self) -> tuple[str, str] | None:
@@ -84,8 +89,8 @@ class Utterance:
 @dataclass
 class SplitReading:
     split: str
-    csv_path: Path
-    clip_dir: Path | None
+    csv_path: storage.Location
+    clip_dir: storage.Location | None
     records: list[Utterance] = field(default_factory=list)
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (CSV line number, reason)
 
@@ -99,8 +104,8 @@ def fix_text(text: str) -> str:
     return _STRAY_A_CIRCUMFLEX.sub(r"\1", ftfy.fix_text(text, _FTFY)).strip()
 
 
-def _decode_csv(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode_csv(path: storage.Location) -> str:
+    raw = storage.read_bytes(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -108,9 +113,9 @@ def _decode_csv(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def _find(root: Path, split: str, name: str) -> Path | None:
-    for candidate in (root / name, root / split / name):
-        if candidate.exists():
+def _find(root: storage.Location, split: str, name: str) -> storage.Location | None:
+    for candidate in (storage.join(root, name), storage.join(root, split, name)):
+        if storage.exists(candidate):
             return candidate
     return None
 
@@ -120,18 +125,20 @@ def _optional_int(value: str | None) -> int | None:
     return int(value) if value else None
 
 
-def read_split(root: Path | str, split: str) -> SplitReading:
+def read_split(root: storage.Location, split: str) -> SplitReading:
     """Read one split's CSV and locate its clips. Bad rows are reported in `bad_rows`, not raised."""
     from pipelines.media import outside_root  # on use, as in `summarize`: reading CSVs needs no OpenCV
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    root = Path(root)
+    root = storage.location(root)
+    storage.check_access(root)  # object storage: a wrong key, bucket or endpoint fails here, in one line
     csv_path = _find(root, split, CSV_NAMES[split])
     if csv_path is None:
-        raise MeldFormatError(f"{root}: no {CSV_NAMES[split]} (looked in {root} and {root / split})")
+        raise MeldFormatError(f"{root}: no {CSV_NAMES[split]} (looked in {root} and {storage.join(root, split)})")
     clip_dir = _find(root, split, CLIP_DIRS[split])
     reading = SplitReading(split=split, csv_path=csv_path, clip_dir=clip_dir)
+    listing = storage.list_dir(clip_dir) if clip_dir is not None and storage.is_uri(clip_dir) else None
     data_roots = (root, clip_dir) if clip_dir is not None else (root,)  # a linked clip folder is the data too
 
     reader = csv.DictReader(io.StringIO(_decode_csv(csv_path), newline=""))
@@ -148,8 +155,13 @@ def read_split(root: Path | str, split: str) -> SplitReading:
             utterance_id = int(row["Utterance_ID"])
             if row.get(None):
                 raise ValueError(f"{len(row[None])} more fields than the header")
-            clip_path, status, detail = None, "no_media", ""
-            if clip_dir is not None:
+            clip_path, status, detail, modified = None, "no_media", "", None
+            if listing is not None:  # object storage has no links to follow out of the root
+                info = listing.get(clip_filename(dialogue_id, utterance_id))
+                status = "found" if info is not None else "missing"
+                clip_path = storage.join(clip_dir, clip_filename(dialogue_id, utterance_id)) if info is not None else None
+                modified = info.mtime if info is not None else None
+            elif clip_dir is not None:
                 clip_path = clip_dir / clip_filename(dialogue_id, utterance_id)
                 # a broken link is "found": the job records why it is unusable (dangling, looping)
                 status = "found" if clip_path.exists() or clip_path.is_symlink() else "missing"
@@ -173,6 +185,7 @@ def read_split(root: Path | str, split: str) -> SplitReading:
                     clip_status=status,
                     sr_no=_optional_int(row.get("Sr No.")),
                     clip_detail=detail,
+                    clip_modified=modified,
                 )
             )
         except (TypeError, ValueError) as exc:
@@ -189,9 +202,20 @@ def read_split(root: Path | str, split: str) -> SplitReading:
     return reading
 
 
-def read_splits(root: Path | str, splits: Iterable[str] = SPLITS) -> dict[str, SplitReading]:
+def read_splits(root: storage.Location, splits: Iterable[str] = SPLITS) -> dict[str, SplitReading]:
     """Read several splits; a split whose CSV is absent is an error naming the file."""
     return {split: read_split(root, split) for split in splits}
+
+
+def _probe(path: storage.Location):
+    """`probe_clip` of a local clip, or of a temp copy of one in object storage."""
+    from pipelines.media import ClipProbe, probe_clip
+
+    try:
+        with storage.local_copy(path) as local:
+            return probe_clip(local)
+    except (FileNotFoundError, storage.StorageError) as exc:  # an object gone since the listing, or refused
+        return ClipProbe(False, "unreadable", f"{path}: {exc}"[:500])
 
 
 @dataclass
@@ -208,14 +232,12 @@ def summarize(readings: dict[str, SplitReading], probe: bool = True, workers: in
     """Summarise readings; with `probe`, every found clip is checked with `probe_clip` (in threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.media import probe_clip
-
     records = [r for reading in readings.values() for r in reading.records]
     found = [r for r in records if r.clip_status == "found"]
     probes = {}
     if probe and found:
         with ThreadPoolExecutor(workers) as pool:
-            probes = dict(zip((r.key for r in found), pool.map(probe_clip, (r.clip_path for r in found))))
+            probes = dict(zip((r.key for r in found), pool.map(_probe, (r.clip_path for r in found))))
 
     emotions = {split: Counter() for split in readings}
     clips = {split: Counter() for split in readings}

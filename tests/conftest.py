@@ -64,6 +64,40 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
+# ---- object storage: a real S3 server (SeaweedFS) on 127.0.0.1 -------------------------------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """`weed server -s3` on free ports with one identity and a bucket `merg`; stopped (by PID) at the end.
+    Reusable by any test that needs object storage (`infra.s3server.S3Server` is the same server)."""
+    from infra.s3server import S3Server, S3ServerError, weed_binary
+
+    try:
+        weed_binary()
+    except S3ServerError as exc:
+        pytest.skip(f"{exc}")
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
+    try:
+        server.start()
+        server.create_bucket("merg")
+        yield server
+    finally:
+        server.stop(grace=1.0)  # its data is the test's: no need to wait for a graceful shutdown
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch, request) -> str:
+    """A fresh prefix `s3://merg/<test>` with the server's endpoint and credentials in the standard AWS
+    variables, as a user would set them (subprocesses inherit them)."""
+    import re
+
+    from featurestore import storage
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    storage.configure(None)
+    return f"s3://merg/{re.sub(r'[^a-zA-Z0-9-]+', '-', request.node.name)[:60]}"
+
+
 # ---- training and evaluation: a small store of dialogues, a tiny Llama ----------------------------
 DIM = 32
 LINES = ["I got the job!", "That is wonderful news.", "I lost my keys again.", "Oh no, not again.",

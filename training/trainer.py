@@ -225,7 +225,7 @@ class Trainer:
         """The targets table's version every read of this run uses: `train.targets_version`, else the tag
         `train.store_version` names (a run tags both tables), else the latest."""
         t = self.t
-        if not (self.store.root / f"{TARGETS}.lance").exists():
+        if not self.store.has_table(TARGETS):
             return None  # load_examples says what to build
         targets = self.store.lance_dataset(TARGETS)
         pin = t.targets_version

@@ -12,6 +12,7 @@ from featurestore import Store
 from infra.config import load_config
 from pipelines.asd.sync import DEFAULT_THRESHOLD
 from pipelines.job import run_preprocess
+from pipelines.meld import read_splits
 from pipelines.synth import read_ground_truth
 from pipelines.synth.faults import EXPECTED
 
@@ -54,6 +55,11 @@ def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ra
 
     other = run_preprocess(_config(mini_meld, tmp_path / "store", "preprocess.fusion=sum_raw", "preprocess.splits=[dev]"))
     assert other.skipped == sum(t["split"] == "dev" and t["clip"] and t["fault"] == "missing_clip" for t in truth.values())
+    # the recomputed keys replaced their rows: each key once, the dev clips' rows from the new config
+    rows = Store.open(tmp_path / "store").query(columns=["key", "fusion", "clip_sha256"]).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(truth)
+    assert {r["fusion"] for r in rows if r["key"].startswith("dev/") and r["clip_sha256"]} == {"sum_raw"}
+    assert report.commits >= 2 and report.upkeep.fragments_after <= 4  # rows streamed in; upkeep compacted them
 
 
 @pytest.mark.meld_text
@@ -66,25 +72,29 @@ def test_no_media_ingests_all_real_meld_text(meld_text_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill(mini_meld, tmp_path):
+def test_rows_stream_into_the_store_and_a_kill_at_half_keeps_them(mini_meld, tmp_path):
+    """Commits stream (issue 27): a SIGKILL of the job's process group once its workers have written half
+    of its clips keeps at least 40% of them in the store; the re-run stores every key exactly once,
+    including the clips whose fragments were written but not committed when the job died."""
     store_dir = tmp_path / "store"
+    truth = read_ground_truth(mini_meld)
+    clips = sum(1 for t in truth.values() if t["clip"] and t["fault"] != "missing_clip")
     cmd = [sys.executable, "-m", "infra.cli", "preprocess", "--meld-root", str(mini_meld), "--store", str(store_dir),
-           "--batch-size", "2", "--set", "preprocess.write_batch=2", "--set", "preprocess.num_cpus=2"]  # fmt: skip
+           "--batch-size", "2", "--set", "preprocess.write_batch=2", "--set", "preprocess.num_cpus=2",
+           "--set", "preprocess.commit_interval_s=2", "--set", "preprocess.optimize=false"]  # fmt: skip
     job = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    embedded = 0
-    while time.time() < deadline and job.poll() is None:
-        time.sleep(0.5)
-        try:
-            embedded = Store.open(store_dir).stats().with_embeddings["fused_emb"]
-        except Exception:  # noqa: BLE001 - the store may not exist yet
-            continue
-        if embedded >= 2:
-            break
+    data = store_dir / "utterances.lance" / "data"
+    deadline, written = time.time() + 300, 0
+    while time.time() < deadline and job.poll() is None and written < clips / 2:
+        time.sleep(0.2)
+        # the job's progress, apart from its commits: each writer task writes one data file of 2 clips
+        # (the first file holds the text-only rows)
+        written = 2 * max(0, len(list(data.glob("*.lance"))) - 1) if data.is_dir() else 0
     assert job.poll() is None, "the job finished before it could be killed; make the input larger"
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     job.wait()
-    assert 2 <= embedded
+    kept = Store.open(store_dir).query(where="clip_sha256 IS NOT NULL", columns=["key"]).num_rows
+    assert kept >= 0.4 * clips, (kept, written, clips)
 
     truth = read_ground_truth(mini_meld)
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -342,3 +352,83 @@ def test_a_clip_linked_out_of_the_meld_root_is_refused_unread(mini_meld, tmp_pat
     assert failure["key"] == out.key and failure["reason"] == "outside_root" and "outside the MELD root" in failure["detail"]
     assert "secret-host" not in failure["detail"] and "vm\\n" not in failure["detail"]
     assert Store.open(store).keys() == {out.key, inside.key}  # the row itself is kept, text only
+
+
+def _fused_rows(n: int, dim: int) -> tuple[list[dict], dict]:
+    """Rows as the fuse stage hands them to the writer (no decoding: the writer is the point), and their metadata."""
+    import numpy as np
+
+    vectors = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"train/dia{i}_utt0" for i in range(n)]
+    rows = [dict(key=k, duration=np.float32(1.5), fps=np.float32(25), has_audio_stream=True, has_audio_feat=True, has_frames=True,
+                 face_visible=1, speaker_box=np.zeros(4, np.float32), asd_method="sync", asd_score=np.float32(0.9), track_frames=30,
+                 audio_emb=v, vision_emb=v, fused_emb=v, fail_stage="", fail_reason="", fail_detail="", clip_sha256=f"{i:064x}")
+            for i, (k, v) in enumerate(zip(keys, vectors))]  # fmt: skip
+    meta = {k: dict(key=k, split="train", dialogue_id=i, utterance_id=0, speaker="Joey", text=f"Line {i}.", emotion="joy",
+                    sentiment="positive") for i, k in enumerate(keys)}  # fmt: skip
+    return rows, meta
+
+
+def test_a_writer_task_that_dies_after_writing_its_fragment_is_retried_and_its_rows_stored_once(ray_session, tmp_path):
+    """A retried task: the writer's worker dies after its fragment is written, before its result reaches
+    the driver; Ray runs the task again, and only the retry's fragment is committed (the first one's
+    files stay unreferenced)."""
+    import ray
+
+    from pipelines import job
+
+    store = Store.open(tmp_path / "store", create=True, embedding_dim=16)
+    rows, meta = _fused_rows(12, 16)
+    died = tmp_path / "died"
+
+    def dies_once_after_writing(batch, **kwargs):
+        out = job.write_batch(batch, **kwargs)
+        if str(batch["key"][0]) == "train/dia4_utt0" and not died.exists():
+            died.touch()
+            os._exit(1)  # the worker process dies: a system failure, which Ray retries
+        return out
+
+    ds = ray.data.from_items(rows, override_num_blocks=3).map_batches(dies_once_after_writing, **job.writer_arguments(store, 4, meta, None))
+    committer = job.FragmentCommitter(store, interval_s=0.0, max_rows=1000)
+    job.commit_written(ds, committer, len(rows))
+    keys = Store.open(tmp_path / "store").query(columns=["key"]).column("key").to_pylist()
+    assert died.exists() and sorted(keys) == sorted(meta) and len(keys) == 12
+    data_files = list((tmp_path / "store" / "utterances.lance" / "data").glob("*.lance"))
+    assert len(data_files) == 4 and committer.commits == 3  # three fragments committed, one orphan
+
+
+@pytest.mark.slow
+def test_the_job_reads_meld_from_s3_and_writes_its_store_there(mini_meld, s3, ray_session):
+    """MELD and the store on the S3 server: decode tasks read their clips from it, writers write the
+    store's fragments to it. A re-run recomputes nothing; a clip uploaded again is recomputed and its row
+    replaced, each key still once."""
+    from featurestore import storage
+
+    from pipelines.meld import summarize
+
+    storage.upload_tree(mini_meld, f"{s3}/MELD.Raw")
+    local, remote = summarize(read_splits(mini_meld, ["dev"])), summarize(read_splits(f"{s3}/MELD.Raw", ["dev"]))
+    assert remote.clips == local.clips and [p[:2] for p in remote.problems] == [p[:2] for p in local.problems]
+    config = load_config(None, [f"preprocess.meld_root={s3}/MELD.Raw", f"paths.store={s3}/store", "preprocess.batch_size=4",
+                                "preprocess.splits=[dev]", "preprocess.limit=4", "preprocess.commit_interval_s=1"])  # fmt: skip
+    report = run_preprocess(config)
+    truth = read_ground_truth(mini_meld)
+    store = Store.open(f"{s3}/store")
+    rows = {r["key"]: r for r in store.query(columns=["key", "clip_path", "clip_sha256", "fused_emb", "created_at"]).to_pylist()}
+    assert len(rows) == report.total == 4 and report.upkeep.fragments_after == 1
+    good = [k for k in rows if truth[k]["fault"] is None]
+    assert good and all(rows[k]["fused_emb"] is not None and rows[k]["clip_path"].startswith(f"{s3}/MELD.Raw/") for k in good)
+    from pipelines.imagebind import file_sha256
+
+    assert rows[good[0]]["clip_sha256"] == file_sha256(mini_meld / truth[good[0]]["clip"])  # hashed by its decode task
+    failed = {f["key"] for f in store.failures().to_pylist()}
+    assert all(k in failed for k in rows if truth[k]["fault"] not in (None, "mojibake_cp1252", "mojibake_double", "quotes_commas_newline"))
+
+    assert run_preprocess(config).skipped == 4
+    clip = rows[good[0]]["clip_path"]
+    storage.write_bytes(clip, storage.read_bytes(clip))  # uploaded again: newer than its row
+    again = run_preprocess(config)
+    assert again.skipped == 3 and again.embedded == 1
+    after = {r["key"]: r for r in Store.open(f"{s3}/store").query(columns=["key", "created_at"]).to_pylist()}
+    assert sorted(after) == sorted(rows) and after[good[0]]["created_at"] > rows[good[0]]["created_at"]
