@@ -1,8 +1,17 @@
-"""Feature-store benchmark: Lance (through `Store`) against Parquet, at MELD size and 10x.
+"""Feature-store benchmark: the store as the preprocessing job leaves it, and Lance against Parquet.
 
-    .venv/bin/python benchmarks/store.py [--rows 15000 150000] [--dim 1024] [--queries 50] [--similar-only]
+    .venv/bin/python benchmarks/store.py [--rows 13708 137080] [--dim 1024]                       # the job's store
+    .venv/bin/python benchmarks/store.py --parquet [--rows 15000 150000] [--queries 50] [--similar-only]
 
-Per scale it prints one table:
+By default, per scale (MELD's 13,708 rows, and 10x), the store is built the job's way: writer tasks'
+fragments of `preprocess.write_batch` rows (audio, vision and fused vectors), committed by the driver's
+`FragmentCommitter` every `--rows-per-commit` rows (merging small fragments every
+`preprocess.compact_every`), then the job's upkeep (`Store.optimize`). It prints
+an emotion-filtered read and a key lookup on that store, before and after upkeep, against a fully
+compacted copy (every row written at once, the same indexes) measured in the same run (interleaved),
+each ratio next to its goal (within 1.2x of the copy).
+
+With `--parquet`, per scale it prints one table:
 - emotion-filtered read of key + text + fused_emb: Lance (BITMAP index) vs the same data in one
   Parquet file read with pyarrow and then filtered (the baseline), and vs Parquet with predicate
   pushdown (`filters=`), for honesty;
@@ -22,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lance
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -31,6 +41,7 @@ from rich.table import Table
 from featurestore.index import warm_index
 from featurestore.store import Store
 from featurestore.synthetic import synthetic_utterances
+from infra.config import PreprocessConfig
 
 COLUMNS = ["key", "text", "fused_emb"]
 
@@ -172,18 +183,101 @@ def bench(rows: int, dim: int, n_queries: int, workdir: Path, console: Console) 
     return table
 
 
+def build_the_jobs_way(root: Path, rows: int, dim: int, write_batch: int, rows_per_commit: int) -> tuple[Store, float, int]:
+    """A store written as `merg preprocess` writes it: writer fragments of `write_batch` rows, committed by
+    the job's FragmentCommitter every `rows_per_commit` rows. Returns it, the seconds and the commits."""
+    from featurestore.store import write_fragments
+    from pipelines.job import FragmentCommitter, WrittenBatch
+
+    store = Store.open(root, create=True, embedding_dim=dim)
+    # as the job's, but its compaction rewrites in this process instead of Ray tasks
+    committer = FragmentCommitter(store, interval_s=float("inf"), max_rows=rows_per_commit, compact_every=PreprocessConfig().compact_every)
+    started = time.perf_counter()
+    chunk = 2048  # synthetic rows made a chunk at a time: 10x MELD with three 1024-d vectors is ~1.7 GB
+    for start in range(0, rows, chunk):
+        data = synthetic_utterances(min(chunk, rows - start), dim, seed=start, start=start)
+        for offset in range(0, data.num_rows, write_batch):
+            written = write_fragments(root, data.slice(offset, write_batch), dim, dim)
+            committer.add(WrittenBatch(written, written.keys, [], written.keys, len(written.keys)))
+    committer.commit()
+    return store, time.perf_counter() - started, committer.commits
+
+
+def compacted_copy(store: Store, root: Path) -> Store:
+    """Every row of `store` written at once into a new store, with the same scalar indexes."""
+    copy = Store.open(root, create=True, embedding_dim=store.embedding_dim)
+    lance.write_dataset(store.lance_dataset().to_table(), str(root / "utterances.lance"), mode="overwrite",
+                        schema=store.lance_dataset().schema)  # fmt: skip
+    copy.create_indexes(scalar=True)
+    return copy
+
+
+def interleaved(measures: dict[str, callable], repeat: int) -> dict[str, float]:
+    """Median seconds of each measure, the measures taking turns (so load drift hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeat):
+        for name, fn in measures.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_job_store(rows: int, dim: int, write_batch: int, rows_per_commit: int, workdir: Path, console: Console) -> Table:
+    job, build_s, commits = build_the_jobs_way(workdir / "job", rows, dim, write_batch, rows_per_commit)
+    fragments, versions = len(job.lance_dataset().get_fragments()), len(job.versions())
+    keys = job.query(columns=["key"]).column("key").to_pylist()
+    lookups = [keys[i] for i in np.random.default_rng(1).choice(rows, 50, replace=False)]
+    copy = compacted_copy(job, workdir / "copy")
+
+    def read(store):
+        return lambda: store.query(emotion="joy", columns=COLUMNS)
+
+    def lookup(store):
+        return lambda: [store.vector_of(k) for k in lookups]
+
+    before = interleaved({"read": read(job), "copy": read(copy)}, repeat=5)
+    before.update({f"lookup {n}": s for n, s in interleaved({"job": lookup(job), "copy": lookup(copy)}, repeat=3).items()})
+    upkeep = job.optimize()  # what the job runs after its last commit
+    after = interleaved({"read": read(job), "copy": read(copy)}, repeat=9)
+    after.update({f"lookup {n}": s for n, s in interleaved({"job": lookup(job), "copy": lookup(copy)}, repeat=9).items()})
+    assert job.query(emotion="joy", columns=["key"]).num_rows == copy.query(emotion="joy", columns=["key"]).num_rows
+
+    table = Table(title=f"the job's store at {rows:,} rows x 3 {dim}-d vectors: fragments of {write_batch} rows, "
+                        f"{commits} commits of {rows_per_commit} rows ({build_s:.0f} s), then upkeep vs a compacted copy")  # fmt: skip
+    for column in ("measure", "as the job leaves it", "compacted copy", "ratio", "goal"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    joy = copy.query(emotion="joy", columns=["key"]).num_rows
+    for label, figures, goal in (("before upkeep", before, "(mid-job)"), ("after upkeep", after, "<= 1.2x")):
+        table.add_row(f"emotion-filtered read ({joy:,} rows of key, text, fused_emb), ms, {label}",
+                      f"{figures['read'] * 1000:.1f}", f"{figures['copy'] * 1000:.1f}", f"{figures['read'] / figures['copy']:.2f}x", goal)  # fmt: skip
+        job_ms, copy_ms = figures["lookup job"] * 1000 / len(lookups), figures["lookup copy"] * 1000 / len(lookups)
+        table.add_row(f"key lookup (vector_of), ms, {label}", f"{job_ms:.2f}", f"{copy_ms:.2f}", f"{job_ms / copy_ms:.2f}x", goal)
+    table.add_row("fragments / versions", f"{fragments:,} / {versions:,} -> {upkeep.fragments_after} / {upkeep.versions_after}",
+                  f"{len(copy.lance_dataset().get_fragments())} / {len(copy.versions())}", "", "fragments <= 4")  # fmt: skip
+    table.add_row("upkeep (dedupe, indexes, compaction, old versions), s", f"{upkeep.seconds:.1f}", "", "", "")
+    console.print(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[15_000, 150_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=None, help="default 13708 137080 (15000 150000 with --parquet)")
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--write-batch", type=int, default=PreprocessConfig().write_batch, help="rows per writer fragment")
+    parser.add_argument("--rows-per-commit", type=int, default=256, help="rows per driver commit (the job commits every 30 s)")
+    parser.add_argument("--parquet", action="store_true", help="Lance against Parquet, similar and writes (the earlier tables)")
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--similar-only", action="store_true", help="only the similar rows (fused_emb alone)")
+    parser.add_argument("--similar-only", action="store_true", help="with --parquet: only the similar rows (fused_emb alone)")
     args = parser.parse_args()
-    console = Console(width=160)
-    for rows in args.rows:
+    console = Console(width=200)
+    for rows in args.rows or ([15_000, 150_000] if args.parquet else [13_708, 137_080]):
         workdir = Path(tempfile.mkdtemp(prefix=f"merg-bench-store-{rows}-"))
         try:
-            (bench_similar if args.similar_only else bench)(rows, args.dim, args.queries, workdir, console)
+            if args.parquet:
+                (bench_similar if args.similar_only else bench)(rows, args.dim, args.queries, workdir, console)
+            else:
+                bench_job_store(rows, args.dim, args.write_batch, args.rows_per_commit, workdir, console)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -444,6 +444,26 @@ class Store:
 
         return _retry_on_conflict(drop, "drop duplicate keys")
 
+    def compact_small_fragments(self, rows: int = 1024, rewrite=None) -> int:
+        """Merge the small fragments writers left (fewer than `rows` rows each) into fragments of about
+        `rows` rows, during a job, so that reads stay fast while it runs. The rewrite is Lance's
+        distributed compaction: planned here, each task executed by `rewrite(tasks, store_uri)` (default:
+        in this process; the preprocessing job hands them to Ray tasks, so no row passes through its
+        driver), committed here. Returns the fragments removed; 0 when another writer got in first."""
+        self._writable()
+        from lance.optimize import Compaction
+
+        dataset = self._dataset(UTTERANCES)
+        plan = Compaction.plan(dataset, {"target_rows_per_fragment": rows, "materialize_deletions": False})
+        if not plan.tasks:
+            return 0
+        results = rewrite(plan.tasks, self.root) if rewrite else [task.execute(dataset) for task in plan.tasks]
+        try:
+            return Compaction.commit(self._dataset(UTTERANCES), results).fragments_removed
+        except (OSError, ValueError) as exc:  # a commit of the same fragments won: the next round retries
+            log.info("compaction skipped: %s", str(exc).splitlines()[0][:200])
+            return 0
+
     # ---- upkeep ----------------------------------------------------------------------------------
     def optimize(self, retention: timedelta = timedelta(days=7)) -> UpkeepReport:
         """Keep the store fast as it grows: one row per key, small fragments compacted (deleted rows

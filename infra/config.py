@@ -105,11 +105,14 @@ class PreprocessConfig(_Section):
     decode_concurrency: int | None = Field(
         None, ge=1, description="most decode tasks at once (default: every CPU of the cluster, to keep the encoders fed)"
     )
-    write_batch: int = Field(64, ge=1, description="rows per fragment a worker writes to the store")
+    write_batch: int = Field(8, ge=1, description="rows per fragment a writer task writes to the store (small: rows reach the store soon)")
     commit_interval_s: float = Field(
-        60.0, gt=0, description="the driver commits the fragments workers wrote at least this often (a kill loses at most this much finished work)"
+        30.0, gt=0, description="the driver commits what the writers wrote at least this often (a kill loses at most this much finished work)"
     )
     commit_rows: int = Field(4096, ge=1, description="... and whenever this many rows wait to be committed")
+    compact_every: int | None = Field(
+        256, ge=1, description="merge the writers' small fragments every this many (reads stay fast during the job); null: only after it"
+    )
     optimize: bool = Field(True, description="store upkeep after the job (compact, refresh indices, drop old versions)")
     imagebind_checkpoint: Path | None = Field(None, description="imagebind_huge.pth; default: small random-init")
     imagebind_size: Literal["small", "huge"] | None = None

@@ -58,8 +58,9 @@ def free_ports(n: int) -> list[int]:
 class S3Server:
     """One `weed server -s3` process group; `start()` waits until the S3 gateway answers a signed request."""
 
-    def __init__(self, data_dir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
+    def __init__(self, data_dir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, s3_port: int | None = None):
         self.data_dir = Path(data_dir)
+        self.s3_port = s3_port  # None: a free one
         self.access_key, self.secret_key = access_key, secret_key
         self.process: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
@@ -105,6 +106,7 @@ class S3Server:
             numbers = free_ports(2 * len(_PORTS))
             self.ports = {name: numbers[i] for i, name in enumerate(_PORTS)}
             self.ports.update({f"{name}_grpc": numbers[len(_PORTS) + i] for i, name in enumerate(_PORTS)})
+            self.ports["s3"] = self.s3_port or self.ports["s3"]
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 start_new_session=True, cwd=self.data_dir)  # fmt: skip
@@ -116,8 +118,7 @@ class S3Server:
     def _wait_ready(self, timeout: float) -> bool:
         import pyarrow.fs as pafs
 
-        fs = pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, endpoint_override=self.endpoint,
-                               scheme="http", region="us-east-1", connect_timeout=1, request_timeout=5)  # fmt: skip
+        fs = self.filesystem()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -144,12 +145,20 @@ class S3Server:
             time.sleep(0.3)
         return False
 
-    def create_bucket(self, bucket: str) -> None:
+    def filesystem(self):
+        """pyarrow's S3 filesystem on this server (as its identity; it may create buckets)."""
         import pyarrow.fs as pafs
 
-        fs = pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, endpoint_override=self.endpoint,
-                               scheme="http", region="us-east-1", allow_bucket_creation=True)  # fmt: skip
-        fs.create_dir(bucket)
+        return pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, endpoint_override=self.endpoint,
+                                 scheme="http", region="us-east-1", allow_bucket_creation=True)  # fmt: skip
+
+    def create_bucket(self, bucket: str) -> None:
+        self.filesystem().create_dir(bucket)
+
+    def bucket_exists(self, bucket: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.filesystem().get_file_info(bucket).type == pafs.FileType.Directory
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the server's process group (SIGTERM, then SIGKILL after `grace` seconds) and remove the
@@ -178,12 +187,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run a local S3 server (SeaweedFS) for merg until Ctrl-C.")
     parser.add_argument("--dir", type=Path, default=Path("data/s3"), help="where it keeps its data (kept between runs)")
     parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    parser.add_argument("--port", type=int, default=8333, help="the S3 port (0: any free one); the others are free ones")
     args = parser.parse_args()
-    server = S3Server(args.dir)
+    server = S3Server(args.dir, s3_port=args.port or None)
     server.start()
     try:
         for bucket in args.bucket:
-            server.create_bucket(bucket)
+            if not server.bucket_exists(bucket):
+                server.create_bucket(bucket)
         print("S3 server running; in another shell:")
         for key, value in server.env().items():
             print(f"export {key}={value}")

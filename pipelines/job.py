@@ -506,8 +506,10 @@ def _run_media(
     # tasks holding every CPU, or no row reaches the store before the last clip is decoded
     ds = ds.map_batches(fuse_batch, fn_kwargs={"mode": pc.fusion}, batch_format="numpy", num_cpus=0)
     ds = ds.map_batches(write_batch, **writer_arguments(store, pc.write_batch, meta, settings))
-    committer = FragmentCommitter(store, pc.commit_interval_s, pc.commit_rows,
-                                  on_commit=lambda batches: [_book(store, b, failed_before, report) for b in batches])  # fmt: skip
+    committer = FragmentCommitter(
+        store, pc.commit_interval_s, pc.commit_rows, on_commit=lambda batches: [_book(store, b, failed_before, report) for b in batches],
+        compact_every=pc.compact_every, rewrite=_rewrite_in_tasks(settings),
+    )  # fmt: skip
     commit_written(ds, committer, len(items))
     report.commits = committer.commits
 
@@ -584,12 +586,16 @@ class FragmentCommitter:
     hands the committed batches to `on_commit` (failure bookkeeping). It knows which keys are stored (as
     of a version), so that a commit searches the store only for those; when another writer has
     committed in between it looks again. A key seen twice (a retried task whose first result also
-    arrived) waits for the next commit, where it replaces the first."""
+    arrived) waits for the next commit, where it replaces the first. Every `compact_every` fragments it
+    merges the small ones (`Store.compact_small_fragments`, rewritten by `rewrite`), so that the store
+    stays fast to read while the job runs."""
 
-    def __init__(self, store: Store, interval_s: float, max_rows: int, on_commit=None):
+    def __init__(self, store: Store, interval_s: float, max_rows: int, on_commit=None, compact_every: int | None = None,
+                 rewrite=None):  # fmt: skip
         self.store, self.interval_s, self.max_rows = store, interval_s, max_rows
         self._know_stored()
         self.on_commit = on_commit or (lambda batches: None)
+        self.compact_every, self.rewrite, self.uncompacted = compact_every, rewrite, 0
         self.pending: list[WrittenBatch] = []
         self.pending_keys: set[str] = set()
         self.last = float("-inf")
@@ -613,19 +619,47 @@ class FragmentCommitter:
         batches, self.pending = self.pending, []
         keys, self.pending_keys = self.pending_keys, set()
         version = self.store.commit_fragments([b.written for b in batches], replace=keys & self.stored, as_of=self.as_of)
-        if version == self.as_of + 1:  # nobody else committed: what is stored is known still
-            self.as_of, self.stored = version, self.stored | keys
-        else:
-            self._know_stored()
+        self.stored |= keys
+        self._moved_to(version)
         self.last = time.monotonic()
         self.commits += 1
         log.info("committed %d rows as store version %d", len(keys), version)
         self.on_commit(batches)
+        self.uncompacted += sum(len(b.written.fragments) for b in batches)
+        if self.compact_every and self.uncompacted >= self.compact_every:
+            self.uncompacted = 0
+            if self.store.compact_small_fragments(rewrite=self.rewrite):
+                self._moved_to(self.store.version)  # the same rows: only the version moved
 
+
+    def _moved_to(self, version: int) -> None:
+        """After this process's own commit: if nobody else committed in between, what is stored is known still."""
+        if version == self.as_of + 1:
+            self.as_of = version
+        else:
+            self._know_stored()
 
     def _know_stored(self) -> None:
         dataset = self.store.lance_dataset()
         self.as_of, self.stored = dataset.version, set(dataset.to_table(columns=["key"]).column("key").to_pylist())
+
+
+def _rewrite_in_tasks(storage_settings: dict | None):
+    """Compaction tasks run as Ray tasks (no CPU slot: they must not wait behind the decode tasks), so
+    that the rows they rewrite never pass through the driver."""
+
+    def rewrite(tasks: list, root: storage.Location) -> list:
+        import ray
+
+        remote = ray.remote(num_cpus=0)(_execute_compaction)
+        return ray.get([remote.remote(task, root, storage_settings) for task in tasks])
+
+    return rewrite
+
+
+def _execute_compaction(task, root: storage.Location, storage_settings: dict | None):
+    storage.configure(storage_settings)
+    return task.execute(Store.open(root).lance_dataset())
 
 
 def with_ticks(items: Iterable, every: float) -> Iterator:

@@ -120,3 +120,19 @@ def test_optimize_compacts_refreshes_indexes_and_removes_old_untagged_versions(s
     assert store.query(columns=["key"]).num_rows == 140
     joy = store.query(emotion="joy", columns=["key"]).num_rows
     assert joy == int(np.sum(np.array(store.query(columns=["emotion"]).column("emotion").to_pylist()) == "joy")) > 0
+
+
+def test_small_fragments_are_merged_during_a_job_without_losing_or_repeating_a_key(store):
+    from pipelines.job import FragmentCommitter, WrittenBatch
+
+    committer = FragmentCommitter(store, interval_s=0.0, max_rows=10_000, compact_every=4)
+    for i in range(9):
+        written = write_fragments(store.root, synthetic_utterances(4, DIM, seed=i, start=4 * i), DIM, DIM)
+        committer.add(WrittenBatch(written, written.keys, [], written.keys, 4))
+        committer.commit()
+    assert len(store.lance_dataset().get_fragments()) <= 3  # 9 fragments of 4 rows: two merges of 4, one left
+    again = write_fragments(store.root, synthetic_utterances(4, DIM, seed=0, start=0), DIM, DIM)  # recomputed keys
+    committer.add(WrittenBatch(again, again.keys, [], again.keys, 4))
+    committer.commit()
+    keys = _keys(store)
+    assert len(keys) == len(set(keys)) == 36

@@ -16,6 +16,16 @@ def test_defaults_and_shipped_config_agree():
     assert shipped.targets == MergConfig().targets
     assert shipped.train == MergConfig().train
     assert shipped.evaluate == MergConfig().evaluate
+    assert shipped.store == MergConfig().store and shipped.storage == MergConfig().storage
+
+
+def test_store_and_meld_locations_keep_object_storage_uris():
+    cfg = load_config(None, ["paths.store=s3://bucket/store/", "preprocess.meld_root=s3://bucket/MELD.Raw",
+                             "storage.endpoint=http://127.0.0.1:8333", "storage.secret_access_key=not-shown"])  # fmt: skip
+    assert cfg.paths.store == "s3://bucket/store" and cfg.preprocess.meld_root == "s3://bucket/MELD.Raw"
+    assert cfg.storage.settings() == dict(endpoint="http://127.0.0.1:8333", region=None, access_key_id=None, secret_access_key="not-shown")
+    assert "not-shown" not in str(cfg.model_dump(mode="json"))  # nor in a run's recorded config
+    assert load_config(None, ["paths.store=data/x"]).paths.store == Path("data/x")
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -54,6 +54,11 @@ def test_job_writes_every_utterance_once_and_every_fault(mini_meld, tmp_path, ra
 
     other = run_preprocess(_config(mini_meld, tmp_path / "store", "preprocess.fusion=sum_raw", "preprocess.splits=[dev]"))
     assert other.skipped == sum(t["split"] == "dev" and t["clip"] and t["fault"] == "missing_clip" for t in truth.values())
+    # the recomputed keys replaced their rows: each key once, the dev clips' rows from the new config
+    rows = Store.open(tmp_path / "store").query(columns=["key", "fusion", "clip_sha256"]).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(truth)
+    assert {r["fusion"] for r in rows if r["key"].startswith("dev/") and r["clip_sha256"]} == {"sum_raw"}
+    assert report.commits >= 2 and report.upkeep.fragments_after <= 4  # rows streamed in; upkeep compacted them
 
 
 @pytest.mark.meld_text
