@@ -48,7 +48,7 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-@dataclass
+@dataclass(eq=False)  # one node is one object: hashable by identity
 class Node:
     name: str
     process: subprocess.Popen
@@ -113,15 +113,15 @@ class RayNodes:
         return {node.name: node_id for node in self.nodes for node_id, resources in nodes if node.name in resources}
 
     def running(self, node: Node) -> list[str]:
-        """What the node's Ray workers are doing now: their process titles (`ray::<task or actor>`),
-        idle workers left out."""
+        """What the node's Ray workers are doing now: their process titles (`ray::<task or actor>`), idle
+        workers and the node's own agents left out."""
         titles = []
         for pid in session_pids(node.sid):
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except OSError:
                 continue
-            if title.startswith("ray::") and title != "ray::IDLE":
+            if title.startswith("ray::") and title != "ray::IDLE" and not title.endswith("Agent"):
                 titles.append(title)
         return titles
 
