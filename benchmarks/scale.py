@@ -4,15 +4,17 @@
     .venv/bin/python benchmarks/scale.py --sizes 20,40,80   # a quick check
     .venv/bin/python benchmarks/scale.py --cluster [--kill-node]
 
-One mini-MELD is generated for the largest size (`pipelines.synth`, the built-in bank, no faults;
-kept in `--work` and reused by later runs), and each size preprocesses its first N train clips into a
-fresh store, in a driver process of its own (`merg preprocess`'s `run_preprocess`, default settings
-plus `--set`). Per size it reports clips/s (clips over the job's media part, Ray already started),
-the driver's peak RSS, the object store's spill, and the store's fragments and versions after the job
-(which ends with upkeep), then each figure of the largest size next to its goal against the smallest:
-clips/s >= 0.85x, driver RSS <= 1.2x, fragments <= 4. Sizes run smallest first; a size whose
-estimated time (from the last size's seconds per clip) would pass `--budget-min` is cut to what fits,
-or dropped. From the largest size's cost per clip it estimates full MELD (13,708 clips) on N nodes.
+One mini-MELD is generated for the largest size (`pipelines.synth`, the built-in bank, no faults; kept
+in `--work` and reused), and each size preprocesses its first N train clips into a fresh store, in a
+driver process of its own (`run_preprocess` with the default settings, `--set` overrides, and the
+speaker stage off unless `--asd sync`: its cost per clip does not grow with the job, and with it 1,600
+clips do not fit in 20 minutes on 2 cores). Per size: clips/s (clips over the job's media part, Ray
+already started), the driver's peak RSS, the object store's spill, and the store's fragments and
+versions after the job (which ends with upkeep); then the largest size against the smallest, each
+figure next to its goal: clips/s >= 0.85x, driver RSS <= 1.2x, fragments <= 4. Sizes run smallest
+first; one that would not fit in what is left of `--budget-min` (estimated from the last size's seconds
+per clip) is cut to what fits, or dropped. From the largest size's cost per clip: full MELD (13,708
+clips) on N nodes.
 
 Where it runs: by default a local Ray of `--cpus` CPUs and a local store. `--cluster`: a head (no
 CPUs) and two `ray start` worker nodes of `--cpus`/2 CPUs each (`infra/ray_nodes.py`), MELD and the
@@ -227,6 +229,8 @@ def main() -> None:
     parser.add_argument("--kill-node", action="store_true", help="with --cluster: the smallest size again, a worker node killed halfway")
     parser.add_argument("--node-cpus", type=int, default=8, help="CPUs of a node in the full-MELD estimate")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here (default: WORK/scale.json)")
+    parser.add_argument("--asd", default="none", choices=("none", "sync"),
+                        help="speaker stage (none: its cost per clip does not depend on the job's size, see benchmarks/asd.py)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="a config override for every run")
     # the child's own arguments
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -240,6 +244,7 @@ def main() -> None:
     if args.kill_node and not args.cluster:
         parser.error("--kill-node needs --cluster")
 
+    args.set = [f"preprocess.asd_method={args.asd}", *args.set]
     sizes = sorted(int(s) for s in args.sizes.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     console.print(f"load before the runs: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
@@ -318,11 +323,11 @@ def summarise(results: list[dict], killed: dict | None, args: argparse.Namespace
     cpu_s_per_clip = args.cpus / large["clips_per_s"]
     fixed_s = large["seconds"] - large["media_seconds"]  # start-up and upkeep, paid once
     estimate = {n: (MELD_CLIPS * cpu_s_per_clip / (n * args.node_cpus) + fixed_s) / 3600 for n in (1, 4, 16)}
-    console.print(f"full MELD ({MELD_CLIPS:,} clips) at {cpu_s_per_clip:.1f} CPU-s a clip: "
+    console.print(f"full MELD ({MELD_CLIPS:,} clips) at {cpu_s_per_clip:.1f} CPU-s a clip (speaker stage {args.asd}): "
                   + ", ".join(f"{n} node{'s' * (n > 1)} of {args.node_cpus} CPUs ≈ {h:.1f} h" for n, h in estimate.items())
                   + " (mini-MELD's clips: 480x270, 0.5-6 s; MELD's are larger, see the README)")  # fmt: skip
 
-    summary = {"where": where, "load": load, "cores": os.cpu_count(), "settings": args.set, "sizes": results,
+    summary = {"where": where, "load": load, "cores": os.cpu_count(), "settings": args.set, "budget_min": args.budget_min, "sizes": results,
                "ratios": ratios, "goals": GOALS, "met": met, "cpu_seconds_per_clip": cpu_s_per_clip,
                "full_meld_hours": {f"{n}x{args.node_cpus}cpu": h for n, h in estimate.items()}}  # fmt: skip
     if killed:
