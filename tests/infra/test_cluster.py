@@ -18,10 +18,10 @@ import pytest
 
 from featurestore import Store, storage
 from featurestore.schema import EVAL_OUTPUTS, EVAL_RESULTS
+from infra.ray_nodes import RayNodes, session_pids
 from pipelines.synth import read_ground_truth
 from pipelines.synth.faults import EXPECTED
 from tests.conftest import dialogue_rows
-from infra.ray_nodes import RayNodes, session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = (None, "text_repaired")  # EXPECTED outcomes of a clip that must be embedded
@@ -56,6 +56,14 @@ def _two_workers(cluster: RayNodes) -> list:
 
 
 @pytest.fixture()
+def on_s3(s3_server):
+    """This process reads and writes the S3 server (as the drivers do, through their AWS variables)."""
+    storage.configure(s3_server.settings())
+    yield
+    storage.configure(None)
+
+
+@pytest.fixture()
 def driver(nodes, s3_server):
     """Start a driver process (`merg ...` against the cluster, with the cluster's token and the S3
     server's AWS variables); stops what is still running of it afterwards."""
@@ -72,7 +80,10 @@ def driver(nodes, s3_server):
     yield start
     for process in started:
         for pid in session_pids(process.pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         process.wait(timeout=30)
 
 
@@ -93,16 +104,15 @@ def _kill_when_busy(cluster: RayNodes, candidates: list, ready, job: subprocess.
 
 
 @pytest.mark.slow
-def test_preprocess_across_nodes_survives_losing_one(nodes, driver, s3_server, mini_meld, tmp_path):
-    """`merg preprocess --ray-address` with MELD and the store on S3; w2 dies once writers have written
-    fragments and while it runs a task. Every good clip is embedded and stored once, every fault is
-    recorded, and the store is compacted after the job."""
-    storage.configure(s3_server.settings())
+def test_preprocess_across_nodes_survives_losing_one(nodes, driver, on_s3, mini_meld, tmp_path):
+    """`merg preprocess --ray-address` with MELD and the store on S3; once writers have written fragments,
+    a worker node dies: the one holding the encoder's actor if a worker does, else one running a task.
+    Every good clip is embedded and stored once, every fault is recorded, the store is compacted after."""
     root = "s3://merg/cluster-preprocess"
     storage.upload_tree(mini_meld, f"{root}/MELD.Raw")
     worker1, worker2 = _two_workers(nodes)
     data = f"{root}/store/utterances.lance/data"
-    # dev and test: 9 clips, 3 of them bad, 2 with text faults; one clip a fragment
+    # dev and test: 9 clips (empty, truncated, no audio, two with damaged text, four good); one clip a fragment
     job = driver("preprocess", "--meld-root", f"{root}/MELD.Raw", "--store", f"{root}/store", "--ray-address", nodes.address,
                  "--batch-size", "2", "--set", "preprocess.splits=[dev,test]", "--set", "preprocess.write_batch=1",
                  "--set", "preprocess.commit_interval_s=2", "--set", "preprocess.asd_method=none", log=tmp_path / "driver.log")  # fmt: skip
@@ -136,13 +146,12 @@ def test_preprocess_across_nodes_survives_losing_one(nodes, driver, s3_server, m
 
 
 @pytest.mark.slow
-def test_a_sweep_cell_whose_node_dies_runs_again_elsewhere_and_is_stored_once(nodes, driver, s3_server, tiny_llm, tmp_path):
+def test_a_sweep_cell_whose_node_dies_runs_again_elsewhere_and_is_stored_once(nodes, driver, on_s3, tiny_llm, tmp_path):
     """Three cells on two one-CPU workers: once cells run on both, w2's node is killed. Its cell is
     run again on a live node; every cell ends done, with one result row and one output per example."""
     from infra.config import TargetsConfig
     from training import build_targets
 
-    storage.configure(s3_server.settings())
     root = "s3://merg/cluster-sweep/store"
     store = Store.open(root, create=True, embedding_dim=32)
     store.write_utterances(dialogue_rows(16, 4))
