@@ -631,7 +631,6 @@ class FragmentCommitter:
             if self.store.compact_small_fragments(rewrite=self.rewrite):
                 self._moved_to(self.store.version)  # the same rows: only the version moved
 
-
     def _moved_to(self, version: int) -> None:
         """After this process's own commit: if nobody else committed in between, what is stored is known still."""
         if version == self.as_of + 1:

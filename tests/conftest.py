@@ -81,7 +81,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
         server.create_bucket("merg")
         yield server
     finally:
-        server.stop()
+        server.stop(grace=1.0)  # its data is the test's: no need to wait for a graceful shutdown
 
 
 @pytest.fixture()
