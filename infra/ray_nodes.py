@@ -68,9 +68,11 @@ class RayNodes:
         self.root.mkdir(parents=True, exist_ok=True)
         self.object_store = str(object_store_mb * 2**20)
         self.port = free_port()
-        # the nodes' and any driver's environment: the cluster's token, plus `env` (e.g. PYTHONPATH)
+        # the nodes' and any driver's environment: the cluster's token, plus `env` (e.g. PYTHONPATH). Ray's
+        # memory monitor is off: it kills workers when the *machine* is nearly full, which on a shared
+        # machine means when other people's jobs are big, and every node here would count them.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}  # fmt: skip
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0", **(env or {})}  # fmt: skip
         self.nodes: list[Node] = []
 
     @property
@@ -155,7 +157,8 @@ class RayNodes:
         return pids
 
     def stop(self, timeout: float = 20) -> None:
-        """End every node this object started: SIGTERM to its session, SIGKILL what remains."""
+        """End every node this object started: SIGTERM to its session, SIGKILL what remains after
+        `timeout` seconds; returns once none of their processes is left (or 10 s more have passed)."""
         for node in reversed(self.nodes):  # workers before the head
             for pid in session_pids(node.sid):
                 try:
@@ -175,3 +178,6 @@ class RayNodes:
                 node.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        deadline = time.monotonic() + 10  # a killed process takes a moment to be gone
+        while time.monotonic() < deadline and any(session_pids(n.sid) for n in self.nodes):
+            time.sleep(0.2)
