@@ -290,11 +290,13 @@ def main() -> None:
             console.print(f"preprocessing {size} clips ...")
             results.append(where.run(size, where.store(f"store-{size}")))
             r = results[-1]
-            console.print(f"  {r['clips']} clips in {r['media_seconds']:.0f} s, {r['steady_clips_per_s'] or 0:.2f} clips/s in its second half, "
+            console.print(f"  {r['clips']} clips in {r['media_seconds']:.0f} s, "
+                          f"{r['steady_clips_per_s'] or 0:.2f} clips/s in its second half, "
                           f"driver {r['driver_rss_mb']:.0f} MiB, {r['fragments']} fragments, {r['versions']} versions")  # fmt: skip
         if args.kill_node and results:
             size = results[0]["clips"]
-            console.print(f"preprocessing {size} clips twice more, back to back: undisturbed, then worker node w2 killed when half are written ...")
+            console.print(f"preprocessing {size} clips twice more, back to back: undisturbed, "
+                          "then worker node w2 killed when half are written ...")
             undisturbed = where.run(size, where.store(f"store-{size}-again"))
             write_batch = _write_batch(args.set)
             killed = where.run(size, where.store(f"store-{size}-killed"), kill_when_written=max(1, size // write_batch // 2))
@@ -317,7 +319,10 @@ def _write_batch(overrides: list[str]) -> int:
 def summarise(results: list[dict], killed: dict | None, args: argparse.Namespace, load: float) -> dict:
     if not results:
         raise SystemExit("error: benchmarks/scale.py: no size was run")
-    where = f"cluster: head + 2 `ray start` workers of {max(1, args.cpus // 2)} CPUs, data on S3" if args.cluster else f"local Ray, {args.cpus} CPUs, local store"
+    if args.cluster:
+        where = f"cluster: head + 2 `ray start` workers of {max(1, args.cpus // 2)} CPUs, data on S3"
+    else:
+        where = f"local Ray, {args.cpus} CPUs, local store"
     table = Table(title=f"preprocessing cost by size ({where}; load {load:.1f} on {os.cpu_count()} cores)")
     for column in ("clips", "clips/s 2nd half", "clips/s job", "job s", "driver RSS MiB", "spill MiB", "frags", "versions", "once"):
         table.add_column(column, justify="right")
@@ -342,16 +347,20 @@ def summarise(results: list[dict], killed: dict | None, args: argparse.Namespace
     goals = Table(title=f"{large['clips']} clips against {small['clips']}")
     for column in ("measure", "figure", "goal", "met"):
         goals.add_column(column)
-    goals.add_row("clips/s over the job's second half, largest / smallest", f"{ratios['clips_per_s']:.2f}x", f">= {GOALS['clips_per_s']}x", _yes(met["clips_per_s"]))
-    goals.add_row("driver peak RSS, largest / smallest", f"{ratios['driver_rss']:.2f}x", f"<= {GOALS['driver_rss']}x", _yes(met["driver_rss"]))
-    goals.add_row("fragments after the job (most of any size)", str(max(r["fragments"] for r in results)), f"<= {GOALS['fragments']}", _yes(met["fragments"]))
+    for measure, figure, goal, ok in (
+        ("clips/s over the job's second half, largest / smallest", f"{ratios['clips_per_s']:.2f}x", f">= {GOALS['clips_per_s']}x", met["clips_per_s"]),
+        ("driver peak RSS, largest / smallest", f"{ratios['driver_rss']:.2f}x", f"<= {GOALS['driver_rss']}x", met["driver_rss"]),
+        ("fragments after the job (most of any size)", str(max(r["fragments"] for r in results)), f"<= {GOALS['fragments']}", met["fragments"]),
+    ):  # fmt: skip
+        goals.add_row(measure, figure, goal, _yes(ok))
     console.print(goals)
 
     # full MELD from the largest size's cost per clip: CPU-seconds a clip, spread over the nodes' CPUs
     cpu_s_per_clip = args.cpus / (large["steady_clips_per_s"] or large["clips_per_s"])
     fixed_s = max(0.0, large["seconds"] - large["clips"] * cpu_s_per_clip / args.cpus)  # start-up and upkeep, paid once
     estimate = {n: (MELD_CLIPS * cpu_s_per_clip / (n * args.node_cpus) + fixed_s) / 3600 for n in (1, 4, 16)}
-    console.print(f"full MELD ({MELD_CLIPS:,} clips) at {cpu_s_per_clip:.2f} CPU-s a clip (speaker stage {args.asd}) + {fixed_s:.0f} s once: "
+    console.print(f"full MELD ({MELD_CLIPS:,} clips) at {cpu_s_per_clip:.2f} CPU-s a clip (speaker stage {args.asd}) "
+                  f"+ {fixed_s:.0f} s once: "
                   + ", ".join(f"{n} node{'s' * (n > 1)} of {args.node_cpus} CPUs ≈ {h * 60:.0f} min" for n, h in estimate.items())
                   + " (mini-MELD's clips: 480x270, 0.5-6 s; MELD's are larger, see the README)")  # fmt: skip
 

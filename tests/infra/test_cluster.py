@@ -159,8 +159,8 @@ def test_a_sweep_cell_whose_node_dies_runs_again_elsewhere_and_is_stored_once(no
     worker1, worker2 = _two_workers(nodes)
     ids = nodes.node_ids()
     systems = [{"name": f"tiny {i}", "model": str(tiny_llm), "modality": "text", "quantization": "none"} for i in range(3)]
-    settings = [f"evaluate.systems={json.dumps(systems)}", "evaluate.limit=3", "evaluate.emotion_backend=lexicon",
-                "evaluate.bootstrap_samples=20", "evaluate.cpus_per_cell=1", "evaluate.splits=[train]", "evaluate.sweep=cluster"]  # fmt: skip
+    settings = [f"evaluate.systems={json.dumps(systems)}", "evaluate.limit=3", "evaluate.emotion_backend=lexicon", "evaluate.sweep=cluster",
+                "evaluate.bootstrap_samples=20", "evaluate.cpus_per_cell=1", "evaluate.splits=[train]"]  # fmt: skip
     job = driver("sweep", "--store", root, "--ray-address", nodes.address, *(a for s in settings for a in ("--set", s)),
                  log=tmp_path / "driver.log")  # fmt: skip
     both_busy = lambda: any("_run_cell" in t for t in nodes.running(worker1))  # noqa: E731
