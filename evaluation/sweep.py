@@ -28,6 +28,8 @@ from infra.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+CELL_RETRIES = 1  # Ray re-runs a cell whose worker or node died (not one that raised)
+
 
 @dataclass
 class SweepReport:
@@ -101,7 +103,7 @@ def sweep(config: MergConfig) -> SweepReport:
     if todo:
         init_ray(ec.ray_address, ec.num_cpus)
         config = config.model_copy(update={"storage": config.storage.resolved()})  # for cells on other nodes
-        remote = ray.remote(num_cpus=ec.cpus_per_cell, num_gpus=ec.gpus_per_cell, max_retries=0)(_run_cell)
+        remote = ray.remote(num_cpus=ec.cpus_per_cell, num_gpus=ec.gpus_per_cell, max_retries=CELL_RETRIES)(_run_cell)
         pending = {remote.remote(cell, cell_id, config, int(ec.cpus_per_cell)): (cell_id, cell) for cell_id, cell in todo}
         with progress_bar(f"sweep {ec.sweep}", len(todo)) as advance:
             while pending:

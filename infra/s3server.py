@@ -59,7 +59,7 @@ class S3Server:
     """One `weed server -s3` process group; `start()` waits until the S3 gateway answers a signed request."""
 
     def __init__(self, data_dir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, s3_port: int | None = None):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()  # weed runs inside it: its paths must not be relative
         self.s3_port = s3_port  # None: a free one
         self.access_key, self.secret_key = access_key, secret_key
         self.process: subprocess.Popen | None = None
