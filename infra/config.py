@@ -15,22 +15,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from infra.models import EMBEDDED_LLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _path_or_uri(value: Any) -> Any:
+def _path_or_uri(value: Path | str) -> Path | str:
     """An object-storage URI (s3://bucket/prefix) stays a str: a Path would fold its `//`."""
     if isinstance(value, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
         return value.rstrip("/")
-    return Path(value) if isinstance(value, str) else value
+    return Path(value)
 
 
 # A local folder or an object-storage URI (featurestore.storage reads and writes both).
-Location = Annotated[Union[Path, str], BeforeValidator(_path_or_uri)]
+# validated as a str or Path first (a JSON config has only strings), then told apart
+Location = Annotated[Union[str, Path], AfterValidator(_path_or_uri)]
 
 
 class _Section(BaseModel):
