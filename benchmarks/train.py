@@ -7,9 +7,17 @@ Same model (4-bit NF4 + LoRA r=16 on all linear layers), same examples (real MEL
 number of examples seen:
 - merg: `training.train` (DeepSpeed ZeRO-2, length-bucketed batches of `--batch-size`);
 - merg-zero0: the same under ZeRO stage 0 (what ZeRO's partitioning costs on one device);
-- hf: `transformers.Trainer` on the same tokenised examples, batches of `--batch-size` padded to the
-  longest (DataCollatorForSeq2Seq), no bucketing;
+- hf-same-batches: `transformers.Trainer` fed merg's exact batches (the same examples, grouped and
+  ordered as in merg's first steps): the same work on both sides, so merg / this row is the trainer's gain;
+- hf-group-by-length: `transformers.Trainer` with its own length grouping (`group_by_length`) over
+  the whole training set: both sides bucket, each its own way;
+- hf: `transformers.Trainer` on a random `--steps` x `--batch-size` examples, no bucketing:
+  hf-same-batches / this row is what bucketing gains (less padding), merg / this row both together;
 - reference: the reference notebooks' loop, one example per step (batch 1, no bucketing).
+HF pads each batch to its longest example (DataCollatorForSeq2Seq); the padding column is the share
+of pad positions in the batches each variant trained on. `--clock cpu` times the steps in CPU
+seconds of one thread (each variant runs with OMP_NUM_THREADS=1) instead of wall seconds: on a busy
+shared machine wall time follows the other jobs' load, CPU time follows the work.
 merg and hf weigh the loss alike: every target token of an optimiser step counts the same (merg's
 token-weighted loss; HF's `num_items_in_batch`, averaged across devices).
 Each variant runs in its own process (clean peak memory). Tokens/s counts real (non-pad) tokens over
@@ -198,11 +206,15 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time steps in wall or one-thread CPU seconds")
     args = parser.parse_args()
     if args.variant:  # child process: one variant, figures as JSON on the last line
         from infra.runtime import configure_offline
 
         configure_offline()
+        if args.clock == "cpu":  # every step timer (merg's trainer, HF's callback, the batch-1 loop) reads CPU time
+            torch.set_num_threads(1)
+            time.perf_counter = time.process_time
         result = run_variant(args.variant, args, args.root)
         print(json.dumps(dict(result, peak_mb=peak_memory_mb())))
         return
@@ -220,8 +232,9 @@ def main() -> None:
             batch = args.batch_size
             while True:
                 cmd = [sys.executable, __file__, "--variant", variant, "--root", str(root), "--steps", str(args.steps),
-                       "--batch-size", str(batch), "--model", args.model]  # fmt: skip
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=single_process_env())
+                       "--batch-size", str(batch), "--model", args.model, "--clock", args.clock]  # fmt: skip
+                env = dict(single_process_env(), **({"OMP_NUM_THREADS": "1"} if args.clock == "cpu" else {}))
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
                 if done.returncode and batch > 1 and "out of memory" in done.stderr.lower():
                     print(f"{variant}: out of GPU memory at batch {batch}; again at batch {batch // 2}")
                     batch //= 2
@@ -235,7 +248,7 @@ def main() -> None:
                 args.json.write_text(json.dumps(results, indent=2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     table = Table(title=f"training throughput: {args.model}, NF4 + LoRA, {args.steps} steps x batch {args.batch_size} ({device})")
-    for column in ("variant", "batch", "tokens/s", "samples/s", "padding", "peak memory (MB)", "merg speed-up"):
+    for column in ("variant", "batch", "tokens/s" if args.clock == "wall" else "tokens/CPU-s", "samples/s", "padding", "peak memory (MB)", "merg speed-up"):
         table.add_column(column, justify="right" if column != "variant" else "left")
     first = next(iter(results.values()))
     for variant, r in results.items():
