@@ -35,7 +35,8 @@ from infra.models import embedded_llm_dir, resolve_llm
 log = logging.getLogger(__name__)
 
 # bumped when a metric's definition changes, so stored cells computed the old way are not reused
-METRICS_VERSION = 2
+# (3: perplexity scores the gold reply + the template's end of turn, as training does, not + EOS)
+METRICS_VERSION = 3
 COLUMNS = {"text": None, "audio": "audio_emb", "video": "vision_emb", "audio+video": "fused_emb"}
 
 

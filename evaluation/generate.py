@@ -1,7 +1,10 @@
 """Batched reply generation and teacher-forced scoring with a `MultimodalLM`.
 
 Prompts are built exactly as in training (`training.prompt`), left-padded for generation, right-padded
-for scoring. Presets:
+for scoring; a prompt that does not leave the preset's reply budget within `max_length` (and the model's
+positions) loses its oldest history lines, as in training (`training.prompt.fit_history`), and the
+log says how many prompts did. The gold reply is scored as training learns it: its text, then the chat
+template's end of turn (`training.prompt.reply_target_ids`). Presets:
 - `default`: greedy, up to 40 new tokens, stop at EOS;
 - `reference`: the reference system's settings: greedy, 25 new tokens, first sentence only;
 - `sample`: nucleus sampling (top-p 0.9, temperature 0.7), up to 40 new tokens, seeded.
@@ -9,6 +12,7 @@ for scoring. Presets:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,7 +22,9 @@ import torch
 
 from evaluation.metrics.perplexity import aligned_nll
 from training.data import Example, collate
-from training.prompt import EncodedExample, encode_example, encode_prompt, stop_token_ids
+from training.prompt import EncodedExample, encode_example, fit_prompt, reply_target_ids, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,13 +78,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def generate_replies(
     model, tokenizer, pairs: Sequence[Pair], preset: Preset, *, system: str, soft_tokens: int,
-    batch_size: int = 16, seed: int = 0,
+    max_length: int | None = None, batch_size: int = 16, seed: int = 0,
 ) -> list[str]:  # fmt: skip
-    """One reply per pair, in order; batches of similar prompt length to waste little padding."""
-    encoded = []
-    for p in pairs:
-        ids, mask = encode_prompt(tokenizer, p.history, p.next_speaker, system=system, soft_tokens=soft_tokens if p.media is not None else 0)
-        encoded.append(Example(p.key, EncodedExample(ids, [-100] * len(ids), mask), p.media))
+    """One reply per pair, in order; batches of similar prompt length to waste little padding. Each
+    prompt is `generation_prompt` (fit to `max_length`, default the model's positions)."""
+    encoded = generation_prompts(model, tokenizer, pairs, system=system, soft_tokens=soft_tokens, max_length=max_length,
+                                 max_new_tokens=preset.max_new_tokens)  # fmt: skip
     order = sorted(range(len(pairs)), key=lambda i: len(encoded[i]))
     replies: list[str] = [""] * len(pairs)
     sampling = dict(do_sample=True, temperature=preset.temperature, top_p=preset.top_p) if preset.do_sample else dict(do_sample=False)
@@ -100,7 +105,8 @@ def generate_replies(
 def score_references(
     model, tokenizer, pairs: Sequence[Pair], *, system: str, soft_tokens: int, max_length: int, batch_size: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced summed NLL of each gold reply (+ EOS) given its full prompt, and its token count."""
+    """Teacher-forced summed NLL of each gold reply (+ end of turn) given its full prompt, and its token
+    count: training's encoding (`encode_example`: prompt + gold reply fit to `max_length` together)."""
     examples = [
         Example(p.key, encode_example(tokenizer, p.history, p.next_speaker, p.reference, system=system,
                                       soft_tokens=soft_tokens if p.media is not None else 0, max_length=max_length), p.media)
@@ -133,11 +139,35 @@ def _score(model, tokenizer, examples: list[Example], batch_size: int) -> tuple[
 
 
 def generation_prompt(tokenizer, pair: Pair, *, system: str, soft_tokens: int, max_length: int, max_new_tokens: int) -> Example:
-    """The prompt a system sees: the oldest history lines dropped until it fits `max_length` minus the
-    reply budget. It never depends on the gold reply (training fits prompt + gold reply instead)."""
-    e = encode_example(tokenizer, pair.history, pair.next_speaker, None, system=system,
-                       soft_tokens=soft_tokens if pair.media is not None else 0, max_length=max(1, max_length - max_new_tokens))  # fmt: skip
-    return Example(pair.key, EncodedExample(e.input_ids, [-100] * len(e.input_ids), e.media_mask), pair.media)
+    """The prompt a system sees: the oldest history lines dropped until it leaves `max_new_tokens` of
+    `max_length` for the reply (`training.prompt.fit_prompt`, training's rule; `history_dropped` says how
+    many). It never depends on the gold reply (training fits prompt + gold reply instead). Raises
+    PromptTooLong when even the last line alone does not leave the reply its budget."""
+    prompt = fit_prompt(tokenizer, pair.history, pair.next_speaker, system=system, max_length=max_length,
+                        soft_tokens=soft_tokens if pair.media is not None else 0, reply_tokens=max_new_tokens)  # fmt: skip
+    return Example(pair.key, prompt, pair.media)
+
+
+def model_max_length(model, max_length: int | None) -> int:
+    """`max_length`, or the model's positions where they are fewer (or `max_length` is None)."""
+    positions = getattr(model.llm.config, "max_position_embeddings", None)
+    limits = [n for n in (max_length, positions) if n]
+    if not limits:
+        raise ValueError("no max_length given and the model does not say how many positions it has")
+    return min(limits)
+
+
+def generation_prompts(
+    model, tokenizer, pairs: Sequence[Pair], *, system: str, soft_tokens: int, max_length: int | None, max_new_tokens: int
+) -> list[Example]:
+    """`generation_prompt` of every pair, fit to `model_max_length`; the log says how many lost history lines."""
+    limit = model_max_length(model, max_length)
+    prompts = [generation_prompt(tokenizer, p, system=system, soft_tokens=soft_tokens, max_length=limit,
+                                 max_new_tokens=max_new_tokens) for p in pairs]  # fmt: skip
+    if shortened := sum(p.encoded.history_dropped > 0 for p in prompts):
+        log.info("%d of %d prompts lost their oldest history lines to fit max_length %d with a %d-token reply budget",
+                 shortened, len(prompts), limit, max_new_tokens)  # fmt: skip
+    return prompts
 
 
 @torch.no_grad()
@@ -148,15 +178,16 @@ def generate_and_score(
     """`generate_replies` and `score_references` in one pass over each prompt: the prompt is run once
     (left-padded, KV cache kept), the gold reply is scored on a copy of that cache, and the reply is
     decoded from it. The prompt dominates the cost, so this halves the work of doing both. The prompt
-    is `generation_prompt` (fit without the gold reply), and the gold reply + EOS is scored whole."""
+    is `generation_prompt` (fit without the gold reply), and the gold reply is scored whole, encoded as
+    training learns it (`reply_target_ids`: text + the template's end of turn)."""
     import copy
 
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     embed_tokens = model.llm.get_input_embeddings()
-    prompts = [generation_prompt(tokenizer, p, system=system, soft_tokens=soft_tokens, max_length=max_length,
-                                 max_new_tokens=preset.max_new_tokens) for p in pairs]  # fmt: skip
-    references = [tokenizer(p.reference.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
+    prompts = generation_prompts(model, tokenizer, pairs, system=system, soft_tokens=soft_tokens, max_length=max_length,
+                                 max_new_tokens=preset.max_new_tokens)  # fmt: skip
+    references = [reply_target_ids(tokenizer, p.reference) for p in pairs]
     warp = LogitsProcessorList([TemperatureLogitsWarper(preset.temperature), TopPLogitsWarper(preset.top_p)])
     order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
     replies, nll, counts = [""] * len(pairs), np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)
@@ -171,7 +202,7 @@ def generate_and_score(
         prefill = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, next_logits, last = prefill.past_key_values, prefill.logits[:, -1].float(), positions[:, -1:]
 
-        # the gold reply (+ EOS), teacher-forced on a copy of the prompt's cache
+        # the gold reply (+ end of turn), teacher-forced on a copy of the prompt's cache
         width = max(len(references[i]) for i in indices)
         ref = torch.full((len(indices), width), tokenizer.pad_token_id, dtype=torch.long, device=model.device)
         ref_mask = torch.zeros_like(ref)

@@ -20,9 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation.generate import PRESETS, Pair, generate_replies
+from evaluation.generate import PRESETS, Pair, generate_replies, generation_prompt, model_max_length
 from featurestore.store import Store, StoreError
 from infra.config import PreprocessConfig
+from training.prompt import PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,28 @@ class Replier:
         if self.column is None and clip is not None:
             result.notes.append("text-only run: the clip was not used")
         pair = Pair("reply", history, result.next_speaker, "", media)
+        max_length = self._fit_note(pair, result)
         result.reply = generate_replies(
             self.model, self.tokenizer, [pair], self.preset, system=self.info.system_prompt,
-            soft_tokens=self.info.soft_tokens, batch_size=1,
+            soft_tokens=self.info.soft_tokens, max_length=max_length, batch_size=1,
         )[0]  # fmt: skip
         return result
+
+    def _fit_note(self, pair: Pair, result: ReplyResult) -> int:
+        """The run's max_length (within the model's positions) the prompt is fit to, as training fit it:
+        a note when the oldest history lines were dropped, a ReplyError when even the last one is too long."""
+        max_length = model_max_length(self.model, self.info.max_length)
+        try:
+            prompt = generation_prompt(self.tokenizer, pair, system=self.info.system_prompt, soft_tokens=self.info.soft_tokens,
+                                       max_length=max_length, max_new_tokens=self.preset.max_new_tokens)  # fmt: skip
+        except PromptTooLong as exc:
+            raise ReplyError(f"the dialogue does not fit the run: {exc}; shorten the last line") from exc
+        if dropped := prompt.encoded.history_dropped:
+            result.notes.append(
+                f"the oldest {dropped} of {len(pair.history)} history lines were left out: the run's prompts fit "
+                f"max_length {max_length} with {self.preset.max_new_tokens} tokens kept for the reply"
+            )  # fmt: skip
+        return max_length
 
     def _media(self, clip: Path | str | None, result: ReplyResult, allow_text_only: bool) -> np.ndarray | None:
         """The run's embedding of `clip`, or None (text only) where allowed; fills in what was used."""

@@ -320,6 +320,9 @@ def targets_build(
         table.add_row(split, str(n))
     out.print(table)
     out.print(f"source: {report.source}; skipped (already stored): {report.skipped}; empty replies: {report.failed}")
+    if report.shortened or report.too_long:
+        out.print(f"prompts fit to targets.max_length: {report.shortened} lost their oldest history lines, "
+                  f"{report.too_long} too long even with the last line alone (not written: prompt_too_long)")  # fmt: skip
 
 
 @app.command()

@@ -211,6 +211,8 @@ class TargetsConfig(_Section):
     teacher_system_prompt: str = TEACHER_SYSTEM_PROMPT
     teacher_batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(40, ge=1)
+    max_length: int = Field(1024, ge=32, description="teacher prompt + reply tokens (within the teacher's positions); "
+                            "the oldest history lines are dropped first")
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
@@ -249,16 +251,16 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     projector_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int | float = Field(10, ge=0, description="steps, or a fraction of the run (0.05: its first 5%)")
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after N optimiser steps (overrides epochs)")
     bucket_by_length: bool = True
     # validation, checkpoints, resume
-    eval_every: int = Field(50, ge=1, description="validation loss every N steps (and at the end)")
+    eval_every: int | float = Field(50, gt=0, description="validation loss every N steps, or every such fraction of the run (and at the end)")
     eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev examples")
     patience: int | None = Field(3, ge=1, description="stop after N validations without improvement")
-    save_every: int = Field(100, ge=1, description="resumable checkpoint every N steps")
+    save_every: int | float = Field(100, gt=0, description="resumable checkpoint every N steps, or every such fraction of the run")
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = Field(False, description="continue from the run's latest checkpoint")
     # runtime
@@ -274,6 +276,16 @@ class TrainConfig(_Section):
     )  # fmt: skip
     log_every: int = Field(10, ge=1)
     seed: int = 0
+
+    @field_validator("warmup_steps", "eval_every", "save_every")
+    @classmethod
+    def _steps_or_fraction(cls, value: int | float) -> int | float:
+        """An int is steps; a float below 1 a fraction of the run (training/schedule.py); 2.0 is 2 steps."""
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"{value} is neither a whole number of steps nor a fraction of the run (below 1)")
+            return int(value)
+        return value
 
     @property
     def embedding_column(self) -> str | None:

@@ -161,6 +161,45 @@ def tiny_llm(tmp_path_factory, smollm2) -> Path:
     return folder
 
 
+# LLaMA-3-Instruct's published chat template (meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json
+# "chat_template"): every message ends with <|eot_id|>; the base model's EOS is <|end_of_text|>.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def llama3_like_tokenizer(folder: Path):
+    """A tokenizer (the tiny Llama's) made LLaMA-3-like: its special tokens, EOS `<|end_of_text|>` and
+    its chat template, whose assistant turn ends with `<|eot_id|>`, another token than EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]})
+    tokenizer.eos_token = "<|end_of_text|>"
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama3_tiny_llm(tmp_path_factory, tiny_llm) -> Path:
+    """The tiny Llama with `llama3_like_tokenizer` (embeddings resized for its added tokens)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama3")
+    tokenizer = llama3_like_tokenizer(tiny_llm)
+    model = LlamaForCausalLM.from_pretrained(tiny_llm)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def train_config(store: Path, runs: Path, model: Path, **train: object) -> MergConfig:
     settings = dict(name="tiny", model=str(model), max_steps=4, batch_size=4, eval_every=2, save_every=2,
                     log_every=1, max_length=128, warmup_steps=1, lora={"r": 4, "alpha": 8})  # fmt: skip

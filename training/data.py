@@ -60,6 +60,8 @@ def load_examples(
             system=config.system_prompt, soft_tokens=soft_tokens, max_length=config.max_length,
         )  # fmt: skip
         examples.append(Example(key, encoded, None if media is None else media[key]))
+    if shortened := sum(e.encoded.history_dropped > 0 for e in examples):
+        log.info("%d of %d %s examples lost their oldest history lines to fit max_length %d", shortened, len(examples), split, config.max_length)
     return examples
 
 

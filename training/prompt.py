@@ -5,18 +5,22 @@
     encoded.labels       # -100 everywhere except target + end of turn (the loss is on the reply only)
     encoded.media_mask   # True where the projector's soft tokens replace the token embeddings
 
+A prompt too long for `max_length` loses its oldest history lines first (`fit_history`, the one
+fitting rule of training, evaluation, `merg reply` and the teacher), keeping the reply its budget.
+
 The chat template of the model is used when it has one; the reply always ends with the template's
 own end of turn (what it appends after an assistant message: `<|im_end|>` for ChatML models such as
 SmolLM2, `<|eot_id|>` for LLaMA-3-Instruct, whose tokenizer's EOS may be `<|end_of_text|>`), else
 with EOS, so the model learns to stop the way its template does (the reference system left it out).
-Generation stops on every id in `stop_token_ids`.
+Generation stops on every id in `stop_token_ids`. `reply_target_ids` is the reply as training
+learns it and evaluation scores it (perplexity), one encoding for both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence, Sized, TypeVar
 
 IGNORE_INDEX = -100
 MEDIA_MARKER = "<|merg_media|>"  # split point in the rendered prompt; never tokenised
@@ -27,6 +31,7 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     media_mask: list[bool]
+    history_dropped: int = 0  # oldest history lines left out to fit max_length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -110,6 +115,65 @@ def encode_prompt(
     return ids, mask
 
 
+class PromptTooLong(ValueError):
+    """Even the last history line alone leaves the reply less than its budget."""
+
+
+Encoded = TypeVar("Encoded", bound=Sized)
+
+
+def fit_history(
+    history: Sequence[str], encode: Callable[[list[str]], Encoded], max_length: int, reply_tokens: int
+) -> tuple[Encoded, int]:
+    """`encode(history[k:])` for the smallest k that leaves `reply_tokens` of `max_length` free (the
+    oldest lines dropped first), and k. Raises PromptTooLong when even the last line alone does not.
+
+    A binary search over k (a prompt never grows when a line is dropped): a few encodings even for
+    a history of thousands of lines, one for a history that fits."""
+    history, budget = list(history), max_length - reply_tokens
+    whole = encode(history)
+    if len(whole) <= budget:
+        return whole, 0
+    last = max(0, len(history) - 1)
+    shortest = encode(history[last:])
+    if len(shortest) > budget:
+        raise PromptTooLong(
+            f"even the last history line alone makes a {len(shortest)}-token prompt, over the {budget} tokens that "
+            f"max_length {max_length} leaves after the reply's {reply_tokens}"
+        )
+    too_long, fits, best = 0, last, shortest  # encode(history[too_long:]) does not fit, encode(history[fits:]) does
+    while fits - too_long > 1:
+        middle = (too_long + fits) // 2
+        encoded = encode(history[middle:])
+        if len(encoded) <= budget:
+            fits, best = middle, encoded
+        else:
+            too_long = middle
+    return best, fits
+
+
+def fit_prompt(
+    tokenizer, history: Sequence[str], next_speaker: str, *, system: str, soft_tokens: int = 0, max_length: int,
+    reply_tokens: int,
+) -> EncodedExample:  # fmt: skip
+    """The prompt (no labels) with the oldest history lines dropped until `reply_tokens` of `max_length`
+    are left for the reply (`fit_history`); `history_dropped` says how many were."""
+
+    def encode(lines: list[str]) -> EncodedExample:
+        ids, mask = encode_prompt(tokenizer, lines, next_speaker, system=system, soft_tokens=soft_tokens)
+        return EncodedExample(ids, [IGNORE_INDEX] * len(ids), mask)
+
+    prompt, dropped = fit_history(history, encode, max_length, reply_tokens)
+    prompt.history_dropped = dropped
+    return prompt
+
+
+def reply_target_ids(tokenizer, reply: str) -> list[int]:
+    """The reply's tokens as training learns them and evaluation scores them: its text, then the chat
+    template's end of turn (`<|eot_id|>` for LLaMA-3-Instruct, not its EOS `<|end_of_text|>`)."""
+    return _ids(tokenizer, reply.strip()) + list(end_of_turn_ids(tokenizer))
+
+
 def encode_example(
     tokenizer,
     history: Sequence[str],
@@ -122,20 +186,21 @@ def encode_example(
 ) -> EncodedExample:
     """Prompt + target + end of turn, dropping the oldest history lines (then cutting the target) to fit."""
     end = list(end_of_turn_ids(tokenizer))
-    history = list(history)
-    target_ids = _ids(tokenizer, target.strip()) + end if target is not None else []
-    while True:
-        prompt_ids, mask = encode_prompt(tokenizer, history, next_speaker, system=system, soft_tokens=soft_tokens)
-        if len(prompt_ids) + len(target_ids) <= max_length or len(history) <= 1:
-            break
-        history.pop(0)
-    room = max_length - len(prompt_ids)
-    if room < len(end) and target is not None:
-        raise ValueError(f"max_length {max_length} leaves no room for the reply after a {len(prompt_ids)}-token prompt")
+    target_ids = reply_target_ids(tokenizer, target) if target is not None else []
+    fit = dict(system=system, soft_tokens=soft_tokens, max_length=max_length)
+    try:
+        prompt = fit_prompt(tokenizer, history, next_speaker, **fit, reply_tokens=len(target_ids))
+    except PromptTooLong:  # the last line alone leaves too little room: keep it, cut the target instead
+        if target is None:
+            raise
+        prompt = fit_prompt(tokenizer, list(history)[-1:], next_speaker, **fit, reply_tokens=len(end))
+        prompt.history_dropped = max(0, len(history) - 1)
+    room = max_length - len(prompt)
     if len(target_ids) > room:
         target_ids = target_ids[: room - len(end)] + end
     return EncodedExample(
-        input_ids=prompt_ids + target_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,
-        media_mask=mask + [False] * len(target_ids),
+        input_ids=prompt.input_ids + target_ids,
+        labels=prompt.labels + target_ids,
+        media_mask=prompt.media_mask + [False] * len(target_ids),
+        history_dropped=prompt.history_dropped,
     )

@@ -6,6 +6,9 @@
 - `teacher`: an empathetic reply written by a local teacher LLM (any HF causal LM folder; default the
   embedded SmolLM2 with an explicit empathetic system prompt), batched, with the teacher and its
   decoding settings recorded in `source`. Already generated rows with the same settings are skipped.
+  A prompt that does not leave the reply budget (`max_new_tokens`) within `targets.max_length` (and the
+  teacher's positions) loses its oldest history lines first, as in training (`fit_history`); one
+  where even the last line is too long is recorded as a failure (`prompt_too_long`) and skipped.
 
 Each example: the dialogue history up to and including the current utterance (the last line of a
 speaker's turn), the next speaker (always another one), the target (their whole turn), and the key
@@ -32,7 +35,7 @@ from infra.config import TargetsConfig
 from infra.models import resolve_llm
 from infra.progress import progress_bar
 from training.mllm import load_llm, resolve_dtype
-from training.prompt import render_prompt, stop_token_ids
+from training.prompt import PromptTooLong, fit_history, render_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,9 @@ class TargetsReport:
     source: str
     written: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
-    failed: int = 0
+    failed: int = 0  # empty replies
+    shortened: int = 0  # prompts that lost their oldest history lines to fit targets.max_length
+    too_long: int = 0  # examples whose last line alone leaves the reply no room (recorded as failures)
 
 
 def dialogue_turns(rows: list[dict]) -> list[list[dict]]:
@@ -132,11 +137,24 @@ class Teacher:
         self.model.eval()
         self.tokenizer.padding_side = "left"
 
-    @torch.no_grad()
-    def __call__(self, examples: list[dict]) -> list[str]:
+    def prompt(self, example: dict) -> tuple[list[int], int]:
+        """The example's prompt ids with the oldest history lines dropped until `max_new_tokens` of
+        `max_length` (within the teacher's positions) are left for the reply, and how many were dropped.
+        Raises PromptTooLong when even the last line alone leaves too little."""
         c = self.config
-        prompts = [render_prompt(self.tokenizer, c.teacher_system_prompt, teacher_message(e)) for e in examples]
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        positions = getattr(self.model.config, "max_position_embeddings", None) or c.max_length
+
+        def encode(lines: list[str]) -> list[int]:
+            text = render_prompt(self.tokenizer, c.teacher_system_prompt, teacher_message(dict(example, history=lines)))
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return fit_history(example["history"], encode, min(c.max_length, positions), c.max_new_tokens)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]]) -> list[str]:
+        """A reply to each prompt (token ids from `prompt`)."""
+        c = self.config
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)  # left padding
         torch.manual_seed(c.seed)
         sampling = dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
         output = self.model.generate(
@@ -176,8 +194,17 @@ def build_targets(store: Store, config: TargetsConfig, model_cache: Path) -> Tar
     size = config.teacher_batch_size
     with progress_bar("teacher targets", len(examples)) as advance:
         for start in range(0, len(examples), size):
-            batch = examples[start : start + size]
-            replies = teacher(batch)
+            batch, prompts, too_long = [], [], []
+            for e in examples[start : start + size]:
+                try:
+                    ids, dropped = teacher.prompt(e)
+                except PromptTooLong as exc:
+                    too_long.append((e["key"], "targets", "prompt_too_long", str(exc)))
+                    continue
+                batch.append(e)
+                prompts.append(ids)
+                report.shortened += dropped > 0
+            replies = teacher(prompts) if prompts else []
             rows = [
                 dict(e, id=target_id("teacher", e["key"]), kind="teacher", target=reply, source=source)
                 for e, reply in zip(batch, replies)
@@ -185,11 +212,16 @@ def build_targets(store: Store, config: TargetsConfig, model_cache: Path) -> Tar
             ]
             empty = [e["key"] for e, reply in zip(batch, replies) if not reply]
             store.write_records(TARGETS, rows)  # each batch is committed: an interrupted run resumes here
-            if empty:
-                store.record_failures([(k, "targets", "empty_generation", source) for k in empty])
+            if empty or too_long:
+                store.record_failures([(k, "targets", "empty_generation", source) for k in empty] + too_long)
             report.written = dict(Counter(report.written) + _count_splits(rows))
             report.failed += len(empty)
-            advance(len(batch))
+            report.too_long += len(too_long)
+            advance(len(batch) + len(too_long))
+    if report.shortened or report.too_long:
+        log.warning("teacher prompts: %d lost their oldest history lines to fit targets.max_length %d; %d too long even "
+                    "with the last line alone (recorded as prompt_too_long failures)", report.shortened, config.max_length,
+                    report.too_long)  # fmt: skip
     return report
 
 

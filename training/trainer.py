@@ -7,7 +7,10 @@ The recipe, in `Trainer.setup()` order:
                       (`train.lora`), + a projector (`train.projector`, `train.soft_tokens`) unless
                       `train.modality` is `text`; under ZeRO-3 loaded under `deepspeed.zero.Init`
   _setup_data         targets (`train.target`) joined with the modality's embedding from the store,
-                      tokenised, sharded by rank, length-bucketed (`train.bucket_by_length`)
+                      tokenised, sharded by rank, length-bucketed (`train.bucket_by_length`); the
+                      step plan (training/schedule.py: warm-up, validation and checkpoint intervals
+                      given in steps or as fractions of the run), with a one-line warning if they
+                      do not fit it
   _setup_engine       AdamW (LoRA `train.lr`, projector `train.projector_lr`), warmup + linear decay,
                       DeepSpeed ZeRO `train.deepspeed_stage` (infra/deepspeed/zero<stage>.json)
   _resume             `train.resume`: model, optimizer, scheduler, data position, every rank's RNG and
@@ -58,6 +61,7 @@ from training.metrics import MetricLogger
 from training.mllm import TOKENIZER_DIR, MultimodalLM, RunInfo, attach_lora, load_llm, resolve_dtype
 from training.prompt import IGNORE_INDEX
 from training.projector import Projector, ProjectorConfig
+from training.schedule import plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +216,15 @@ class Trainer:
         except ValueError as exc:
             log.warning("no validation: %s", exc)
             self.eval_examples = []
-        self.batches_per_epoch = len(self._batches(0))
-        per_epoch_steps = math.ceil(self.batches_per_epoch / t.grad_accum)
-        self.total_steps = t.max_steps or per_epoch_steps * t.epochs
+        self.plan = plan_steps(t, len(self.train_examples), self.world_size)  # warm-up, validation, saves in steps
+        self.batches_per_epoch, self.total_steps = self.plan.batches_per_epoch, self.plan.total_steps
         self._log(
             f"data: {len(self.train_examples)} {t.train_split} / {len(self.eval_examples)} {t.eval_split} "
             f"{t.target!r} examples from {self.store.root} v{self.store.version}; {self.world_size} process(es), "
-            f"{self.batches_per_epoch} batches of {t.batch_size} per epoch per process, {self.total_steps} steps"
+            f"{self.batches_per_epoch} batches of {t.batch_size} per epoch per process; {self.plan.describe()}"
         )  # fmt: skip
+        if (problems := self.plan.problems()) and self.is_main:
+            log.warning("schedule: %s (give them as fractions of the run, e.g. eval_every: 0.1)", "; ".join(problems))
 
     def _targets_version(self) -> int | None:
         """The targets table's version every read of this run uses: `train.targets_version`, else the tag
@@ -254,9 +259,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
 
         def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
-            if step < t.warmup_steps:
-                return (step + 1) / (t.warmup_steps + 1)
-            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - t.warmup_steps))
+            warmup = self.plan.warmup_steps
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -366,16 +372,16 @@ class Trainer:
                 if self.step % t.log_every == 0:
                     record["tokens_per_s"] = self.metrics.tokens_per_s
                     self.metrics.reset_window()
-                if self.step % t.eval_every == 0 or self.step == self.total_steps:
+                if self.step % self.plan.eval_every == 0 or self.step == self.total_steps:
                     record.update(self._evaluate_and_keep_best())
                     stopped_early = self._patience_exhausted()
                 self.metrics.write(record)
-                if self.step % t.save_every == 0:
+                if self.step % self.plan.save_every == 0:
                     self.checkpointer.save(self.step, self._client_state())
         self.metrics.close()
         finished = self.step >= self.total_steps or stopped_early
         if finished and self.step > first_step:
-            if self.step % t.save_every:  # so that --resume of a finished run does nothing
+            if self.step % self.plan.save_every:  # so that --resume of a finished run does nothing
                 self.checkpointer.save(self.step, self._client_state())
             if self.best_val is None:  # no validation split: keep the last weights
                 save_trained_weights(self.engine, self.run_dir, rank=self.rank)

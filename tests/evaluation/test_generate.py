@@ -1,9 +1,13 @@
+import logging
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from evaluation.generate import PRESETS, Pair, first_sentence, generate_replies, score_references, score_without_context
 from training.mllm import MultimodalLM, load_llm
+from training.prompt import PromptTooLong, encode_prompt
 
 HISTORY = ["Ross: I got the job!", "Rachel: That is wonderful news."]
 
@@ -31,7 +35,7 @@ def test_left_padded_batches_generate_what_single_prompts_do(tiny):
     assert len(tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 26
 
 
-def test_reference_scoring_counts_reply_and_eos(tiny):
+def test_reference_scoring_counts_reply_and_end_of_turn(tiny):
     model, tokenizer = tiny
     pairs = [Pair("k0", HISTORY, "Ross", "Thank you so much.", None), Pair("k1", HISTORY[:1], "Joey", "Cool.", None)]
     nll, tokens = score_references(model, tokenizer, pairs, system="s", soft_tokens=0, max_length=128, batch_size=2)
@@ -80,3 +84,62 @@ def test_generation_prompt_does_not_depend_on_the_gold_reply(tiny):
     prompt = generation_prompt(tokenizer, short, **kwargs)
     assert prompt.encoded.input_ids == generation_prompt(tokenizer, long, **kwargs).encoded.input_ids
     assert len(prompt.encoded.input_ids) <= 128 - 16  # oldest lines dropped to leave the reply budget
+
+
+def test_llama3_reference_perplexity_is_exp_of_the_training_loss(llama3_tiny_llm, dialogue_store):
+    """`merg evaluate`'s perplexity scores the gold reply as training learns it: its text + `<|eot_id|>`,
+    LLaMA-3-Instruct's end of turn (meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json
+    "chat_template"), not + its EOS `<|end_of_text|>`. So on the same pairs it is exp of the training
+    loss (token-weighted over the pairs, as the trainer's validation sums it)."""
+    from evaluation.evaluate import load_pairs
+    from evaluation.generate import generate_and_score
+    from featurestore.store import Store
+    from infra.config import EvaluateConfig, TrainConfig
+    from training.data import collate, load_examples
+
+    llm, tokenizer = load_llm(llama3_tiny_llm, quantization="none")
+    model = MultimodalLM(llm).eval()
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tokenizer.eos_token_id
+    store = Store.open(dialogue_store)
+    train = TrainConfig(model=str(llama3_tiny_llm), modality="text", max_length=256)
+    examples = load_examples(store, train, "test", tokenizer)
+    assert all(e.encoded.labels[-1] == eot for e in examples)
+    with torch.no_grad():
+        training = model(**collate(examples, tokenizer.pad_token_id))
+    pairs, _, _ = load_pairs(store, EvaluateConfig(max_length=256), "test", "text")
+    assert len(pairs) == len(examples) > 1
+    _, nll, tokens = generate_and_score(model, tokenizer, pairs, PRESETS["reference"], system=train.system_prompt,
+                                        soft_tokens=0, max_length=256, batch_size=4)  # fmt: skip
+    assert int(tokens.sum()) == training.num_tokens
+    assert math.exp(nll.sum() / tokens.sum()) == pytest.approx(math.exp(training.loss.item()), rel=1e-4)
+
+
+def test_every_generation_path_fits_an_over_long_history_oldest_lines_first(tiny, caplog):
+    """The prompt keeps the newest lines that leave the reply budget within max_length (training's
+    rule, training.prompt.fit_history), the log counts the prompts that lost lines, and a last line
+    that alone leaves no room is refused in one line."""
+    from evaluation.generate import generate_and_score, generation_prompt, generation_prompts
+
+    model, tokenizer = tiny
+    history = [f"Rachel: this is line {i} of a very long dialogue." for i in range(1000)]  # ~50,000 characters
+    long, short = Pair("k0", history, "Ross", "Yes.", None), Pair("k1", history[-1:], "Ross", "No.", None)
+    kwargs = dict(system="Be kind.", soft_tokens=0, max_length=128)
+    prompt = generation_prompt(tokenizer, long, max_new_tokens=40, **kwargs).encoded
+    dropped = prompt.history_dropped
+    assert len(prompt.input_ids) <= 128 - 40 and 0 < dropped < 999
+    assert prompt.input_ids == encode_prompt(tokenizer, history[dropped:], "Ross", system="Be kind.")[0]
+    assert len(encode_prompt(tokenizer, history[dropped - 1 :], "Ross", system="Be kind.")[0]) > 128 - 40  # none more fits
+
+    with caplog.at_level(logging.INFO, logger="evaluation.generate"):
+        replies = generate_replies(model, tokenizer, [long, short], PRESETS["default"], batch_size=2, **kwargs)
+        assert replies == generate_and_score(model, tokenizer, [long, short], PRESETS["default"], batch_size=2, **kwargs)[0]
+    assert caplog.text.count("1 of 2 prompts lost their oldest history lines to fit max_length 128") == 2
+    # without max_length, the model's positions (the tiny Llama's 512) are the limit
+    unbounded = generation_prompts(model, tokenizer, [long], system="Be kind.", soft_tokens=0, max_length=None, max_new_tokens=40)
+    assert 128 < len(unbounded[0]) <= 512 - 40
+
+    too_long = Pair("k2", history[:3] + ["Rachel: " + "word " * 200], "Ross", "", None)
+    for generate in (generate_replies, generate_and_score):
+        with pytest.raises(PromptTooLong, match="even the last history line alone makes a"):
+            generate(model, tokenizer, [too_long], PRESETS["default"], **kwargs)

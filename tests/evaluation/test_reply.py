@@ -122,3 +122,29 @@ def test_cli_reply_json_errors_keep_stdout_json(tmp_path):
         error = json.loads(result.stdout)["error"]
         assert error and f"error: merg reply failed: {error}" in result.stderr.splitlines()
 
+
+@pytest.mark.slow
+def test_reply_fits_an_over_long_history_to_the_run_and_says_so(runs):
+    """A 50,000-character history: the oldest lines are dropped until the prompt leaves the preset's
+    reply budget within the run's max_length (as training fit its prompts), and the output says so;
+    a last line too long on its own is refused in one line."""
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    history = [f"{('Rachel', 'Ross')[i % 2]}: this is line {i} of a very long talk." for i in range(1200)]
+    assert len("\n".join(history)) > 50_000
+    result = Replier(runs["text"])(history, speaker="Rachel")
+    note = next(n for n in result.notes if "history lines were left out" in n)
+    assert "max_length 128 with 40 tokens kept for the reply" in note  # the run's max_length, the default preset's budget
+    dropped = int(note.split()[2])  # a 128-token run with a 40-token reply budget keeps only the newest line or few
+    assert 1100 < dropped <= 1199 and note.startswith(f"the oldest {dropped} of 1200 history lines")
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["reply", "--run", str(runs["text"]), "--history", "\\n".join(history), "--speaker", "Rachel"])
+    assert shown.exit_code == 0 and "history lines were left out" in shown.stdout
+    refused = runner.invoke(app, ["reply", "--run", str(runs["text"]), "--history", "Ross: " + "word " * 300])
+    assert refused.exit_code == 2 and "does not fit the run: even the last history line alone" in " ".join(refused.output.split())
+    with pytest.raises(ReplyError, match="makes a [0-9]+-token prompt, over the 88 tokens") as refusal:
+        Replier(runs["text"])(history + ["Ross: " + "word " * 300])
+    assert "\n" not in str(refusal.value)

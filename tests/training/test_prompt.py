@@ -1,3 +1,6 @@
+import pytest
+
+from tests.conftest import llama3_like_tokenizer
 from training.prompt import IGNORE_INDEX, MEDIA_MARKER, encode_example, encode_prompt, user_message
 
 HISTORY = ["Ross: We were on a break!", "Rachel: You slept with someone else."]
@@ -67,32 +70,12 @@ def test_template_without_system_role_gets_it_folded_into_the_user_turn(tiny_llm
     assert render_prompt(tokenizer, "Be kind.", "Hello") == "[INST] Be kind.\n\nHello [/INST]"
 
 
-# LLaMA-3-Instruct's published chat template (meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json
-# "chat_template"): every message ends with <|eot_id|>; the base model's EOS is <|end_of_text|>.
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-
-def _llama3_like(tiny_llm):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]})
-    tokenizer.eos_token = "<|end_of_text|>"
-    tokenizer.chat_template = LLAMA3_TEMPLATE
-    return tokenizer
-
-
 def test_reply_ends_with_the_templates_end_of_turn_not_eos_llama3(tiny_llm):
     """A LLaMA-3-style template ends an assistant turn with <|eot_id|>, which is not the tokenizer's EOS
     (meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json, chat_template and eos_token)."""
     from training.prompt import end_of_turn_ids
 
-    tokenizer = _llama3_like(tiny_llm)
+    tokenizer = llama3_like_tokenizer(tiny_llm)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert end_of_turn_ids(tokenizer) == (eot,) and eot != tokenizer.eos_token_id
     for max_length in (400, 0):  # whole, and a reply cut to fit
@@ -108,7 +91,47 @@ def test_chatml_end_of_turn_is_im_end_and_generation_stops_on_every_stop_id(tiny
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)  # SmolLM2's ChatML template
     assert end_of_turn_ids(tokenizer) == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-    llama3 = _llama3_like(tiny_llm)
+    llama3 = llama3_like_tokenizer(tiny_llm)
     eot, end_of_text = llama3.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
     assert set(stop_token_ids(llama3)) == {eot, end_of_text}
     assert set(stop_token_ids(llama3, GenerationConfig(eos_token_id=[7, eot]))) == {eot, end_of_text, 7}
+
+
+def test_fit_history_keeps_the_newest_lines_that_fit_and_refuses_only_when_the_last_cannot():
+    """The one fitting rule of training, evaluation, reply and the teacher: the fewest oldest lines
+    dropped (what dropping them one by one finds), the reply's tokens kept free of max_length."""
+    from training.prompt import PromptTooLong, fit_history
+
+    history = [f"line {i} " + "x" * (i * 7 % 11) for i in range(60)]
+    calls = []
+
+    def encode(lines):  # one token per character
+        calls.append(len(lines))
+        return "".join(lines)
+
+    for budget in range(0, 700, 9):
+        one_by_one = next((k for k in range(len(history)) if len(encode(history[k:])) <= budget), None)
+        expected = None if one_by_one is None else (encode(history[one_by_one:]), one_by_one)
+        calls.clear()
+        if expected is None:
+            with pytest.raises(PromptTooLong, match=f"over the {budget} tokens that max_length {budget + 5} leaves after the reply's 5"):
+                fit_history(history, encode, budget + 5, 5)
+        else:
+            assert fit_history(history, encode, budget + 5, 5) == expected
+        assert len(calls) <= 2 + 6  # the whole history, the last line, a binary search over 60 lines
+    assert fit_history([], lambda lines: "", 10, 5) == ("", 0)
+
+
+def test_training_keeps_the_last_line_and_cuts_the_reply_when_the_line_alone_leaves_too_little(tiny_llm):
+    from transformers import AutoTokenizer
+
+    from training.prompt import PromptTooLong, fit_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    history = ["Joey: hi.", "Monica: " + "so many words " * 12]
+    last_only = len(fit_prompt(tokenizer, history[-1:], "Ross", system="s", max_length=10**4, reply_tokens=0))
+    ex = encode_example(tokenizer, history, "Ross", "A long reply of many words " * 5, system="s", max_length=last_only + 4)
+    assert ex.history_dropped == 1 and len(ex.input_ids) == last_only + 4
+    assert ex.input_ids[-1] == tokenizer.eos_token_id and sum(label != IGNORE_INDEX for label in ex.labels) == 4
+    with pytest.raises(PromptTooLong):  # not even the end of turn fits after the last line
+        encode_example(tokenizer, history, "Ross", "Sure.", system="s", max_length=last_only)

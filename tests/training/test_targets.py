@@ -1,3 +1,4 @@
+import pyarrow as pa
 import pytest
 
 from featurestore.schema import TARGETS
@@ -66,3 +67,25 @@ def test_teacher_targets_record_settings_and_resume(tmp_path, tiny_llm):
     second = build_targets(store, config, tmp_path)
     assert second.skipped == sum(first.written.values())  # finished rows are not generated again
     assert store.targets("teacher").num_rows == sum(first.written.values())
+
+
+def test_teacher_prompts_drop_the_oldest_lines_to_fit_and_a_last_line_too_long_is_recorded(tmp_path, tiny_llm):
+    """The teacher fits each prompt as training does (oldest lines first, the reply's max_new_tokens
+    kept within targets.max_length); a pair whose last line alone is too long is recorded and skipped."""
+    rows = dialogue_rows(2, 12, splits=("dev",))
+    texts = rows.column("text").to_pylist()
+    texts[5] = "word " * 400  # one line far over max_length
+    rows = rows.set_column(rows.column_names.index("text"), "text", pa.array(texts))
+    store = Store.open(tmp_path, create=True, embedding_dim=DIM)
+    store.write_utterances(rows)
+    examples = list(dialogue_examples(rows.to_pylist(), max_history=8))
+    huge = rows.column("key").to_pylist()[5]
+    last_too_long = [e for e in examples if e["key"] == huge]  # whose prompt ends with it
+    behind = [e for e in examples if e["key"] != huge and any("word word" in line for line in e["history"])]
+    assert len(last_too_long) == 1 and len(behind) == 4  # the line ends a turn, and 4 later prompts hold it
+    config = TargetsConfig(kind="teacher", teacher_model=str(tiny_llm), splits=["dev"], max_new_tokens=4, max_length=200)
+    report = build_targets(store, config, tmp_path)
+    assert report.too_long == len(last_too_long) and report.shortened >= len(behind)
+    assert sum(report.written.values()) + report.failed + report.too_long == len(examples)
+    failures = store.failures().to_pylist()
+    assert [f["key"] for f in failures if f["reason"] == "prompt_too_long"] == [e["key"] for e in last_too_long]
