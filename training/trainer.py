@@ -28,6 +28,7 @@ tokens/s. Outputs: `adapter/` (plain `PeftModel.from_pretrained` loads it), `pro
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import random
 import re
 import shutil
 import signal
-import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -80,10 +81,12 @@ class TrainReport:
     examples: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _single_process_rendezvous() -> str:
+    """A file store in a fresh temporary folder: a port picked as free can be taken before the TCP store
+    binds it (two runs at once failed with EADDRINUSE), a file of its own cannot."""
+    folder = tempfile.mkdtemp(prefix="merg-rendezvous-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"file://{folder}/store"
 
 
 @contextmanager
@@ -156,9 +159,11 @@ class Trainer:
     def _setup_distributed(self) -> None:
         import deepspeed
 
+        init_method = None
         if "RANK" not in os.environ:  # one local process: DeepSpeed would otherwise look for MPI
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", "0")  # unused: the process group meets in a file
+            init_method = _single_process_rendezvous()
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
@@ -166,7 +171,10 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
         else:
             self.device = torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            init_method=init_method, rank=self.rank, world_size=self.world_size,
+        )
         self.is_main = self.rank == 0
         random.seed(self.t.seed)
         np.random.seed(self.t.seed)
