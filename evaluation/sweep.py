@@ -69,8 +69,9 @@ def _plan(config: MergConfig, store: Store) -> tuple[list[tuple[str, Cell]], Swe
     ec = config.evaluate
     inputs = resolve_inputs(config, store)
     cells = [(cell.id(ec, inputs), cell) for cell in grid(config)]
+    planned = datetime.now(timezone.utc)  # to the microsecond: a cell done before it was reused by this run
     store.write_records(SWEEP_CELLS, [dict(id=f"{cell.sweep}:{cell_id}", sweep=cell.sweep, cell=cell_id, system=cell.system.name,
-                                          preset=cell.preset, split=cell.split) for cell_id, cell in cells])  # fmt: skip
+                                          preset=cell.preset, split=cell.split, created_at=planned) for cell_id, cell in cells])  # fmt: skip
     done: set[str] = set()
     if not ec.force:
         done = set(store.read_records(EVAL_RESULTS, build_filter(status="done"), ["cell"]).column("cell").to_pylist())
@@ -85,12 +86,12 @@ def _record(store: Store, report: SweepReport, config: MergConfig, cell_id: str,
             cell=cell_id, sweep=cell.sweep, system=cell.system.name, model=cell.system.model,
             modality=cell.system.modality, run=str(cell.system.run) if cell.system.run else None, preset=cell.preset,
             split=cell.split, target=config.evaluate.target, status="failed", error=outcome[-4000:], examples=0,
-            config_hash=config.fingerprint(),
+            config_hash=config.fingerprint(), created_at=datetime.now(timezone.utc),
         )  # fmt: skip
         store.write_records(EVAL_RESULTS, [failure])
         report.failed[cell_id] = outcome
         return
-    store.write_records(EVAL_RESULTS, [outcome])
+    store.write_records(EVAL_RESULTS, [dict(outcome, created_at=datetime.now(timezone.utc))])
     report.done.append(cell_id)
     progress = store.read_records(CELL_PROGRESS, build_filter(cell=cell_id)).to_pylist()
     if progress and (progress[0]["reused"] or progress[0]["redone"]):

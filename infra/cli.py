@@ -392,6 +392,7 @@ def evaluate_command(
     if ctx.invoked_subcommand is not None:
         return
     from evaluation import evaluate
+    from evaluation.evaluate import CellInterrupted
 
     systems = [{"name": r.name, "run": str(r)} for r in run or []]
     if model:
@@ -404,7 +405,11 @@ def evaluate_command(
     if not cfg.evaluate.systems:
         raise typer.BadParameter("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
     _refuse_read_only(cfg.paths.store)
-    report = evaluate(cfg)
+    try:
+        report = evaluate(cfg)
+    except (KeyboardInterrupt, CellInterrupted):
+        out.print("evaluation stopped: every finished batch is stored; run the same command again to resume")
+        raise typer.Exit(130)
     out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
     _print_results(cfg.paths.store, report.cell_ids)
 
