@@ -98,8 +98,9 @@ def disagreement(model, tokenizer, prompt: list[int], hf_reply: str, vllm_reply:
     return f"token {k}: vLLM's token is not HF's runner-up (HF's top-2 margin {margin:.2g})"
 
 
-def compare_backends(config: MergConfig, threads: int, batch_size: int) -> tuple[list[tuple[str, float, float]], dict]:
-    """(way, seconds, start-up seconds) rows and the greedy agreement of vLLM with HF."""
+def compare_backends(config: MergConfig, threads: int, batch_size: int, rounds: int) -> tuple[list[tuple[str, float, float]], dict]:
+    """(way, seconds, start-up seconds) rows and the greedy agreement of vLLM with HF. The pairs go in
+    `rounds` slices, each through every way in turn, so a shared machine's swings in load fall on all ways."""
     from evaluation.evaluate import HFBackend, describe_system
     from evaluation.generate import generation_prompt
     from evaluation.vllm_backend import VllmBackend
@@ -110,29 +111,34 @@ def compare_backends(config: MergConfig, threads: int, batch_size: int) -> tuple
     system = describe_system(spec, cache)
     pairs, _, _ = load_pairs(Store.open(config.paths.store), ec, "test", "text")
     model, tokenizer, *_ = load_system(spec, cache, torch.device("cpu"))
-    preset, batches = PRESETS["default"], [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
-    rows = []
-    start = time.perf_counter()
-    generate_replies(model, tokenizer, pairs, preset, system=ec.system_prompt, soft_tokens=0, batch_size=batch_size)
-    rows.append((f"HF generate() (batch {batch_size}, left padding)", time.perf_counter() - start, 0.0))
-    start = time.perf_counter()
-    hf = [r for replies, _, _ in HFBackend(model, tokenizer, ec, preset, ec.system_prompt, 0)(batches) for r in replies]
-    rows.append((f"HF generate_and_score (merg's cell path: replies + gold-reply scores, batch {batch_size})", time.perf_counter() - start, 0.0))
+    preset = PRESETS["default"]
+    hf_backend = HFBackend(model, tokenizer, ec, preset, ec.system_prompt, 0)
+    batches = lambda part: [part[i : i + batch_size] for i in range(0, len(part), batch_size)]  # noqa: E731
+    ways = [f"HF generate() (batch {batch_size}, left padding)", f"HF generate_and_score (merg's cell path: replies + gold-reply scores, batch {batch_size})",
+            "vLLM: replies alone (prompts not cached yet)", "vLLM: gold-reply scores, then replies (text-only systems' cell path)"]  # fmt: skip
+    seconds, hf, vllm = dict.fromkeys(ways, 0.0), [], []
     start = time.perf_counter()
     with VllmBackend(ec.model_copy(update={"cpus_per_cell": threads}), spec, system, cache, ec.system_prompt, preset, torch.device("cpu")) as backend:
         startup = time.perf_counter() - start
-        start = time.perf_counter()
-        vllm = [r for replies, _, _ in backend(batches) for r in replies]
-        rows.append(("vLLM: gold-reply scores, then replies", time.perf_counter() - start, startup))
-        start = time.perf_counter()
-        backend._replies(pairs, [backend._prompt(p) for p in pairs])
-        rows.append(("vLLM: replies alone", time.perf_counter() - start, startup))
+        size = -(-len(pairs) // rounds)
+        for part in (pairs[i : i + size] for i in range(0, len(pairs), size)):
+            runs = [
+                lambda: generate_replies(model, tokenizer, part, preset, system=ec.system_prompt, soft_tokens=0, batch_size=batch_size),
+                lambda: hf.extend(r for replies, _, _ in hf_backend(batches(part)) for r in replies),
+                lambda: backend._replies(part, [backend._prompt(p) for p in part]),
+                lambda: vllm.extend(r for replies, _, _ in backend(batches(part)) for r in replies),
+            ]
+            for way, run in zip(ways, runs):
+                began = time.perf_counter()
+                run()
+                seconds[way] += time.perf_counter() - began
     classes = {}
     for pair, a, b in zip(pairs, hf, vllm):
         if a != b:
             prompt = generation_prompt(tokenizer, pair, system=ec.system_prompt, soft_tokens=0, max_length=ec.max_length,
                                        max_new_tokens=preset.max_new_tokens).encoded.input_ids  # fmt: skip
             classes[pair.key] = dict(reason=disagreement(model, tokenizer, prompt, a, b), hf=a, vllm=b)
+    rows = [(way, seconds[way], startup if way.startswith("vLLM") else 0.0) for way in ways]
     return rows, {"pairs": len(pairs), "identical": len(pairs) - len(classes), "disagreements": classes}
 
 
@@ -145,6 +151,8 @@ def main() -> None:
     parser.add_argument("--generation-only", action="store_true", help="only the model part, on a GPU if present")
     parser.add_argument("--backends", help="hf,vllm: compare the generation backends (replies/s, start-up, agreement)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each backend (--backends)")
+    parser.add_argument("--rounds", type=int, default=4, help="slices of the pairs, each through every way in turn (--backends)")
+    parser.add_argument("--compile", action="store_true", help="vLLM with torch.compile instead of eager (--backends)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -161,13 +169,13 @@ def main() -> None:
         print(f"dialogues from {build_text_store(root, 'test', args.pairs)}")
         system = SystemSpec(name="pretrained", model=args.model, modality="text", quantization="none")
         presets = args.presets.split(",")
-        evaluate = EvaluateConfig(sweep="bench", systems=[system], presets=presets, limit=args.pairs,
-                                  batch_size=args.batch_size, emotion_backend="lexicon", bootstrap_samples=200)  # fmt: skip
+        evaluate = EvaluateConfig(sweep="bench", systems=[system], presets=presets, limit=args.pairs, batch_size=args.batch_size,
+                                  emotion_backend="lexicon", bootstrap_samples=200, vllm_compile=args.compile)  # fmt: skip
         config = MergConfig(paths=PathsConfig(store=root), evaluate=evaluate)
         cells = [Cell("bench", system, p, "test") for p in presets]
 
         if args.backends:
-            rows, agreement = compare_backends(config, args.threads, args.batch_size)
+            rows, agreement = compare_backends(config, args.threads, args.batch_size, args.rounds)
             _print_backends(rows, agreement, args)
             return
         if args.generation_only:
@@ -208,7 +216,9 @@ def _print_backends(rows: list[tuple[str, float, float]], agreement: dict, args)
 
     n = agreement["pairs"]
     baseline = n / rows[0][1]
-    table = Table(title=f"generation backends: {n} real MELD test pairs, {args.model} float32, greedy, {args.threads} thread(s)")
+    mode = "compiled" if args.compile else "eager"
+    table = Table(title=f"generation backends: {n} real MELD test pairs in {args.rounds} rounds, {args.model} float32, greedy, "
+                        f"{args.threads} thread(s), vLLM {mode}")  # fmt: skip
     for column in ("way", "seconds", "start-up s", "replies/s", "x HF generate()"):
         table.add_column(column, justify="left" if column == "way" else "right")
     for way, seconds, startup in rows:

@@ -462,7 +462,7 @@ def evaluate_cell(cell: Cell, config: MergConfig, scorers: Scorers | None = None
     if not scorers.bertscore.baseline:
         notes.append(f"BERTScore: {scorers.bertscore.description}")
     if ec.backend == "vllm":
-        notes.append("replies: vLLM (continuous batching); scores: HF")
+        notes.append(f"replies: vLLM (continuous batching); gold-reply and context-free scores: {'HF' if system.soft_tokens else 'vLLM'}")
     progress.update(status="scored", done=len(pairs), chunk=None)
     return dict(
         cell=cell_id, sweep=cell.sweep, system=cell.system.name, model=str(system.model_path), modality=system.modality,

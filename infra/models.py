@@ -142,16 +142,24 @@ def vllm_python(configured: Path | str | None, cache: Path) -> Path:
     return python
 
 
-def install_vllm(venv: Path, package: str = VLLM_PACKAGE) -> str:
-    """A virtualenv with vLLM and its own torch (merg's pinned stack is untouched); returns vLLM's version."""
+def install_vllm(venv: Path, package: str = VLLM_PACKAGE, force: bool = False) -> str:
+    """A virtualenv with vLLM and its own torch (merg's pinned stack is untouched); returns vLLM's version.
+    One where vLLM already imports is kept as it is unless `force`."""
     venv = Path(venv)
     python = venv / "bin" / "python"
+    if python.is_file() and not force and (version := _vllm_version(python)):
+        return version
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "-q", package], check=True)
     subprocess.run([*pip, "uninstall", "-y", "-q", *_VLLM_UNWANTED], check=True)
-    probe = subprocess.run([str(python), "-c", "import vllm, transformers; print(vllm.__version__)"], capture_output=True, text=True)
-    if probe.returncode != 0:
+    if not (version := _vllm_version(python)):
+        probe = subprocess.run([str(python), "-c", "import vllm, transformers"], capture_output=True, text=True)
         raise RuntimeError(f"vLLM was installed into {venv} but does not import: {probe.stderr.strip().splitlines()[-1]}")
-    return probe.stdout.strip()
+    return version
+
+
+def _vllm_version(python: Path) -> str | None:
+    probe = subprocess.run([str(python), "-c", "import vllm, transformers; print(vllm.__version__)"], capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None

@@ -235,9 +235,11 @@ def test_sigkill_of_the_sweep_driver_resumes_each_cell_losing_at_most_a_chunk(re
     import sys
 
     import yaml
+    from typer.testing import CliRunner
 
     from evaluation import sweep
     from evaluation.sweep import status_lines, sweep_status
+    from infra.cli import app
 
     template, baseline = resume_case
     store = shutil.copytree(template, tmp_path / "store")
@@ -254,6 +256,8 @@ def test_sigkill_of_the_sweep_driver_resumes_each_cell_losing_at_most_a_chunk(re
         assert lines[0].startswith("sweep resume: 2 cells:") and "running" in lines[0]
         running = [s for s in states if s.state == "running"]
         assert running and all(s.total == 34 for s in running) and any(f"/34 examples" in line for line in lines[1:])
+        status = CliRunner().invoke(app, ["sweep", "-c", str(tmp_path / "sweep.yaml"), "--status"])
+        assert status.exit_code == 0 and "sweep resume: 2 cells:" in status.output and "examples" in status.output, status.output
         tree = _descendants(driver.pid)
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
@@ -264,6 +268,7 @@ def test_sigkill_of_the_sweep_driver_resumes_each_cell_losing_at_most_a_chunk(re
                 pass
         driver.wait()
     assert driver.returncode == -signal.SIGKILL
+    assert "sweep resume: 2 cells:" in (tmp_path / "driver.log").read_text()  # the driver's own progress lines
     before = _stored_by_cell(store)
     assert before and all(n % 2 == 0 for n in before.values())  # whole batches only
 
