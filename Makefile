@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 DEMO_DIALOGUES ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo meld-text test test-fast clean-demo
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ demo: $(STAMP)
 	echo "$$reply"; eval "$$reply" && \
 	echo "try it:  $$reply" && \
 	echo "explore: $(MERG) explore --store $(DEMO_DIR)/store --runs $(DEMO_DIR)/runs --report $(DEMO_DIR)/report   (then open http://127.0.0.1:8765/)"
+
+# The full real-MELD text sweep (README "Real MELD"): every step reads configs/sweeps/meld-text.yaml.
+MELD_TEXT := configs/sweeps/meld-text.yaml
+meld-text: $(STAMP)
+	$(MERG) preprocess -c $(MELD_TEXT)
+	$(MERG) targets build -c $(MELD_TEXT)
+	$(MERG) train -c $(MELD_TEXT) --resume
+	$(MERG) models install-vllm
+	$(MERG) sweep -c $(MELD_TEXT)
+	$(MERG) report -c $(MELD_TEXT)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

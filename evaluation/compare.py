@@ -4,9 +4,15 @@
 
 For every two cells of the same split and decoding preset, and each per-pair metric, the difference
 (first minus second) with a paired bootstrap 95% interval and an approximate-randomisation p-value
-(each pair's two values swapped at random, Noreen 1989); then Holm's correction over every test of the
-report (with enough randomisation rounds that the smallest p can pass it). A difference is called significant only when its Holm-adjusted p < `ALPHA`; otherwise "no
-difference detected" (not "equal"). Cells whose replies are identical pair for pair are not tested.
+(each pair's two values swapped at random, Noreen 1989). Perplexity is teacher-forced on the gold
+reply, the same for every decoding preset, so it is tested once per pair of systems (on the first
+preset's cells), not once per preset. Tests fall into two families, fixed before any number is seen:
+`MODALITY` ("does audio+video help over text alone?": a trained multimodal run against the trained
+text-only run of the same base model) and `OTHERS` (every other pair of cells); Holm's correction runs
+within each family (with enough randomisation rounds that the smallest p can pass it). A difference is
+called significant only when its Holm-adjusted p < `ALPHA`; otherwise "no difference detected" (not
+"equal"). The intervals are not adjusted for multiplicity. Cells whose replies are identical pair for
+pair are not tested.
 
 Every metric is a ratio of sums over pairs, f(sum num / sum den): a mean has den = 1, perplexity is
 exp(sum NLL / sum tokens), so the corpus-level PPL is resampled and swapped like the means.
@@ -20,6 +26,8 @@ from typing import Callable
 import numpy as np
 
 ALPHA = 0.05
+MODALITY = "does audio+video help over text alone?"
+OTHERS = "every other pair of cells"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class Comparison:
     ci: tuple[float, float]
     p: float
     p_holm: float = float("nan")
+    family: str = OTHERS
+    every_preset: bool = False  # a metric the decoding does not change (PPL), tested once for all presets
 
     @property
     def significant(self) -> bool:
@@ -111,12 +121,19 @@ def identical_replies(outputs_by_cell: dict[str, dict[str, dict]], a: str, b: st
     return rows_a.keys() == rows_b.keys() and all(rows_a[k]["reply"] == rows_b[k]["reply"] for k in rows_a)
 
 
+def _modality_pair(first: dict, second: dict) -> bool:
+    """Trained runs of the same base model, one text-only, the other with audio and/or video."""
+    pair = {first["modality"], second["modality"]}
+    return bool(first["run"] and second["run"] and first["model"] == second["model"] and "text" in pair and len(pair) == 2)
+
+
 def compare_cells(
     outputs_by_cell: dict[str, dict[str, dict]], cells: list[dict], *, samples: int = 1000, seed: int = 0
 ) -> tuple[list[Comparison], list[tuple[dict, dict]]]:
-    """Every comparison (Holm-adjusted together) and the pairs of cells skipped as identical.
-    `outputs_by_cell`: cell id -> key -> eval_outputs row; `cells`: eval_results rows."""
-    jobs, identical = [], []
+    """Every comparison (Holm-adjusted within its family) and the pairs of cells skipped as identical.
+    `outputs_by_cell`: cell id -> key -> eval_outputs row; `cells`: eval_results rows. A modality pair is
+    oriented multimodal first."""
+    jobs, identical, tested_once = [], [], set()
     for i, first in enumerate(cells):
         for second in cells[i + 1 :]:
             if (first["split"], first["preset"]) != (second["split"], second["preset"]):
@@ -127,26 +144,34 @@ def compare_cells(
             keys = sorted(outputs_by_cell[first["cell"]].keys() & outputs_by_cell[second["cell"]].keys())
             if len(keys) < 2:
                 continue
-            jobs += [(first, second, metric, keys) for metric in PAIRED_METRICS]
-    rounds = randomisation_rounds(len(jobs), samples)
+            family = MODALITY if _modality_pair(first, second) else OTHERS
+            a, b = (second, first) if family == MODALITY and first["modality"] == "text" else (first, second)
+            for metric in PAIRED_METRICS:
+                if metric.key in PRESET_FREE:
+                    systems = (a["split"], *sorted((a["system"], b["system"])), metric.key)
+                    if systems in tested_once:
+                        continue
+                    tested_once.add(systems)
+                jobs.append((a, b, metric, keys, family))
     comparisons = []
-    for first, second, metric, keys in jobs:
-        a, b = (np.array([metric.per_pair(outputs_by_cell[c["cell"]][k]) for k in keys], dtype=np.float64) for c in (first, second))
-        difference, ci, p = paired_test(a, b, metric.transform, samples=rounds, seed=seed)
-        comparisons.append(Comparison(first, second, metric.name, len(keys), difference, ci, p))
-    for comparison, adjusted in zip(comparisons, holm([c.p for c in comparisons])):
-        comparison.p_holm = adjusted
+    for family in (MODALITY, OTHERS):
+        members = [job for job in jobs if job[4] == family]
+        rounds = randomisation_rounds(len(members), samples)
+        tests = []
+        for first, second, metric, keys, _ in members:
+            a, b = (np.array([metric.per_pair(outputs_by_cell[c["cell"]][k]) for k in keys], dtype=np.float64) for c in (first, second))
+            difference, ci, p = paired_test(a, b, metric.transform, samples=rounds, seed=seed)
+            tests.append(Comparison(first, second, metric.name, len(keys), difference, ci, p, family=family,
+                                    every_preset=metric.key in PRESET_FREE))  # fmt: skip
+        for comparison, adjusted in zip(tests, holm([c.p for c in tests])):
+            comparison.p_holm = adjusted
+        comparisons += tests
     return comparisons, identical
 
 
+PRESET_FREE = {"ppl"}  # teacher-forced on the gold reply: the decoding preset does not change it
+
+
 def modality_comparisons(comparisons: list[Comparison]) -> list[Comparison]:
-    """The reference work's question, "does audio+video help over text alone?": trained runs of the same
-    base model, multimodal first, text-only second."""
-    out = []
-    for c in comparisons:
-        pair = {c.first["modality"], c.second["modality"]}
-        if c.first["run"] and c.second["run"] and c.first["model"] == c.second["model"] and "text" in pair and len(pair) == 2:
-            if c.first["modality"] == "text":  # orient as multimodal minus text
-                c = Comparison(c.second, c.first, c.metric, c.pairs, -c.difference, (-c.ci[1], -c.ci[0]), c.p, c.p_holm)
-            out.append(c)
-    return out
+    """The family answering the reference work's question, "does audio+video help over text alone?"."""
+    return [c for c in comparisons if c.family == MODALITY]

@@ -7,11 +7,14 @@ log says how many prompts did. The gold reply is scored as training learns it: i
 template's end of turn (`training.prompt.reply_target_ids`). Presets:
 - `default`: greedy, up to 40 new tokens, stop at EOS;
 - `reference`: the reference system's settings: greedy, 25 new tokens, first sentence only;
-- `sample`: nucleus sampling (top-p 0.9, temperature 0.7), up to 40 new tokens, seeded.
+- `sample`: nucleus sampling (top-p 0.9, temperature 0.7), up to 40 new tokens, seeded per example
+  (`example_seed`: the pair's key and the run's seed), so how pairs are batched or chunked does not
+  change a reply.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -42,6 +45,11 @@ PRESETS = {
     "sample": Preset(max_new_tokens=40, do_sample=True, temperature=0.7, top_p=0.9),
 }
 _SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)")
+
+
+def example_seed(seed: int, key: str) -> int:
+    """One pair's sampling seed: a hash of the run's seed and the pair's key (63 bits)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
 
 
 def first_sentence(text: str) -> str:
@@ -119,12 +127,17 @@ def score_references(
 def score_without_context(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """NLL of each text with no prompt (BOS, else EOS, as the only context): the reference system's
     `ref_self_ppl` (on a model's own reply) and `ref_uncond_ppl` (on the gold reply)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples = []
     for i, text in enumerate(texts):
-        ids = tokenizer(text or "", add_special_tokens=False)["input_ids"][:256]
-        examples.append(Example(str(i), EncodedExample([start, *ids], [-100, *ids], [False] * (len(ids) + 1)), None))
+        ids = context_free_ids(tokenizer, text)
+        examples.append(Example(str(i), EncodedExample(ids, [-100, *ids[1:]], [False] * len(ids)), None))
     return _score(model, tokenizer, examples, batch_size)
+
+
+def context_free_ids(tokenizer, text: str) -> list[int]:
+    """BOS (else EOS), then the text's first 256 tokens: what `score_without_context` scores from position 1."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [start, *tokenizer(text or "", add_special_tokens=False)["input_ids"][:256]]
 
 
 def _score(model, tokenizer, examples: list[Example], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,13 +186,14 @@ def generation_prompts(
 @torch.no_grad()
 def generate_and_score(
     model, tokenizer, pairs: Sequence[Pair], preset: Preset, *, system: str, soft_tokens: int, max_length: int,
-    batch_size: int = 16, seed: int = 0,
+    batch_size: int = 16, seed: int = 0, decode: bool = True,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:  # fmt: skip
     """`generate_replies` and `score_references` in one pass over each prompt: the prompt is run once
     (left-padded, KV cache kept), the gold reply is scored on a copy of that cache, and the reply is
     decoded from it. The prompt dominates the cost, so this halves the work of doing both. The prompt
     is `generation_prompt` (fit without the gold reply), and the gold reply is scored whole, encoded as
-    training learns it (`reply_target_ids`: text + the template's end of turn)."""
+    training learns it (`reply_target_ids`: text + the template's end of turn). `decode=False` scores
+    only (the replies come from elsewhere, e.g. the vLLM backend; blank here)."""
     import copy
 
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -191,10 +205,10 @@ def generate_and_score(
     warp = LogitsProcessorList([TemperatureLogitsWarper(preset.temperature), TopPLogitsWarper(preset.top_p)])
     order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
     replies, nll, counts = [""] * len(pairs), np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
     stops = torch.tensor(stop_token_ids(tokenizer, getattr(model.llm, "generation_config", None)), device=model.device)
     for chunk in _batches(len(order), batch_size):
         indices = [order[i] for i in chunk]
+        generators = [torch.Generator(device=model.device).manual_seed(example_seed(seed, pairs[i].key)) for i in indices]
         batch = _to(collate([prompts[i] for i in indices], tokenizer.pad_token_id, left_pad=True), model.device)
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded positions
@@ -216,13 +230,15 @@ def generate_and_score(
         logits = torch.cat([next_logits[:, None], scored.logits[:, :-1].float()], dim=1)  # position j predicts ref[:, j]
         sums, n = aligned_nll(logits, ref.masked_fill(ref_mask == 0, -100))
         nll[indices], counts[indices] = sums.double().cpu().numpy(), n.cpu().numpy()
+        if not decode:
+            continue
 
         # the reply, decoded from the prompt's cache (greedy, or top-p sampling)
         tokens, done = [], torch.zeros(len(indices), dtype=torch.bool, device=model.device)
         for step in range(preset.max_new_tokens):
             if preset.do_sample:
                 probs = warp(None, next_logits).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                token = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
             else:
                 token = next_logits.argmax(-1)
             token = token.masked_fill(done, tokenizer.pad_token_id)

@@ -5,8 +5,9 @@ Sentiment / Empathy), once with merg's standard definitions and once with the re
 formulas (with merg's models), each value with its bootstrap 95% interval and each column's one
 meaning stated; copy and degenerate-reply statistics (history-based metrics flagged where copying is
 common; cells with identical replies named); paired comparisons between cells on the same pairs
-(`evaluation.compare`: Holm-corrected, "no difference detected" where none is) and the audio+video vs
-text-only question on its own; the store's emotion probe (`merg probe`); bar charts with the
+(`evaluation.compare`: two families of tests declared before the numbers, the audio+video vs text-only
+question and every other pair, Holm-corrected within each, "no difference detected" where none is);
+only cells with every example scored (an `eval_results` row marked done) appear; the store's emotion probe (`merg probe`); bar charts with the
 intervals; the confusion of the reply's emotion against the reference reply's per system; a few
 dialogues with every system's reply; and the stand-ins and gaps (zero-vector pairs) behind any number.
 Markdown and HTML are rendered from the same sections.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.compare import ALPHA, Comparison, compare_cells, modality_comparisons
+from evaluation.compare import ALPHA, MODALITY, OTHERS, PAIRED_METRICS, Comparison, compare_cells, modality_comparisons
 from featurestore.schema import EMOTIONS, EVAL_OUTPUTS, EVAL_RESULTS, PROBE_RESULTS, SWEEP_CELLS
 from featurestore.store import Store, build_filter
 
@@ -73,6 +74,14 @@ def _latest_results(store: Store, sweep: str | None) -> list[dict]:
     rows.sort(key=lambda r: r["created_at"])
     latest = {(r["sweep"], r["system"], r["preset"], r["split"]): r for r in rows}  # the newest run of each cell
     return sorted(latest.values(), key=lambda r: (r["sweep"], Path(r["model"] or "").name.casefold(), r["system"].casefold(), r["preset"], r["split"]))
+
+
+def _unfinished(store: Store, sweep: str | None, results: list[dict]) -> int:
+    """Cells of the sweep's grid with no result yet (running, stopped part-way, or waiting)."""
+    if not sweep:
+        return 0
+    members = {m["cell"] for m in store.read_records(SWEEP_CELLS, build_filter(sweep=sweep), ["cell"]).to_pylist()}
+    return len(members - {r["cell"] for r in results})
 
 
 def _bar_charts(done: list[dict], out: Path) -> Path:
@@ -169,11 +178,30 @@ def _label(result: dict) -> str:
     return f"{result['system']} ({result['preset']}/{result['split']})"
 
 
+def _comparison_label(result: dict, comparison: Comparison) -> str:
+    if comparison.every_preset:  # the same for every decoding preset: tested once
+        return f"{result['system']} (every preset/{result['split']})"
+    return _label(result)
+
+
 def _comparison_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     header = ["A", "B", "Metric", "N", "A − B (95% interval)", "p", "p (Holm)", "Verdict"]
-    body = [[_label(c.first), _label(c.second), c.metric, str(c.pairs), _fmt({"value": c.difference, "ci": list(c.ci)}),
-             _fmt_p(c.p), _fmt_p(c.p_holm), c.verdict] for c in comparisons]  # fmt: skip
+    body = [[_comparison_label(c.first, c), _comparison_label(c.second, c), c.metric, str(c.pairs),
+             _fmt({"value": c.difference, "ci": list(c.ci)}), _fmt_p(c.p), _fmt_p(c.p_holm), c.verdict] for c in comparisons]  # fmt: skip
     return header, body
+
+
+def _families(comparisons: list[Comparison]) -> list[str]:
+    """The families of tests, stated before any number: what each holds and how many tests it has."""
+    count = {family: sum(c.family == family for c in comparisons) for family in (MODALITY, OTHERS)}
+    metrics = ", ".join(m.name for m in PAIRED_METRICS)
+    return [
+        f"Paired tests ({metrics}; PPL, scored on the gold reply, is the same for every decoding preset and is tested once "
+        f"per pair of systems) fall into two families fixed before the numbers, each Holm-corrected on its own: "
+        f"(1) \"{MODALITY}\": each trained multimodal run minus the trained text-only run of the same base model, same "
+        f"pairs and decoding ({count[MODALITY]} tests); (2) {OTHERS} of the same split and decoding ({count[OTHERS]} tests). "
+        "The 95% intervals, of the cells' values and of the differences, are not adjusted for multiplicity.",
+    ]
 
 
 def _fmt_p(p: float) -> str:
@@ -239,11 +267,14 @@ def report(store: Store, sweep: str | None, out_dir: Path, examples: int = 3, sa
     targets = sorted({r["target"] for r in done})
     title = f"merg evaluation: {sweep or 'all sweeps'}"
 
-    summary = [f"{len(done)} cells done, {len(failed)} failed; target: {', '.join(targets) or '–'}. Each value: the metric "
+    unfinished = _unfinished(store, sweep, results)
+    summary = [f"{len(done)} cells done, {len(failed)} failed"
+               + (f", {unfinished} not finished (a cell shows once every example is scored)" if unfinished else "")
+               + f"; target: {', '.join(targets) or '–'}. Each value: the metric "
                "(a mean over pairs, except PPL, a corpus ratio, and Dist-n, corpus level) with its bootstrap 95% interval. "
                f"N is small where it is small: overlapping intervals are no ranking — see the paired comparisons."]  # fmt: skip
     sections = [
-        Section(title, summary, [], []),
+        Section(title, summary + _families(comparisons), [], []),
         Section("Standard definitions (reply vs reference, same pairs for every system)", [], [_table(done, STANDARD)], []),
         Section("What each column means", [f"- {line}" for line in _column_meanings(targets[0] if len(targets) == 1 else "mixed")], [], []),
         Section("The reference system's formulas with merg's models (reply vs dialogue history; not its table's numbers)",
@@ -254,7 +285,7 @@ def report(store: Store, sweep: str | None, out_dir: Path, examples: int = 3, sa
                 + [f"- † {_label(r)}: history-based metrics reward its copying" for r in done if r["cell"] in flagged]
                 + [f"- {_label(a)} and {_label(b)} produced the same replies pair for pair (one result, shown twice; not compared)"
                    for a, b in identical], [_copy_table(done)], []),  # fmt: skip
-        _comparisons_section(comparisons),
+        _comparisons_section([c for c in comparisons if c.family == OTHERS]),
         _modality_section(modality_comparisons(comparisons)),
         Section("Emotion probe of the store's features", *_probe_lines(store), []),
         Section("How each number is computed", [f"- **{k}**: {v}" for k, v in descriptions.items()], [], []),
@@ -279,9 +310,10 @@ def _probe_lines(store: Store) -> tuple[list[str], list]:
 
 def _comparisons_section(comparisons: list[Comparison]) -> Section:
     significant = [c for c in comparisons if c.significant]
-    lines = ["Every two cells of the same split and decoding, on the same pairs: the difference with a paired bootstrap 95% "
-             "interval and an approximate-randomisation p-value; Holm's correction over all tests below. Significant: "
-             f"Holm-adjusted p < {ALPHA}. Elsewhere: no difference detected (which is not evidence of equality)."]  # fmt: skip
+    lines = ["Every two cells of the same split and decoding, on the same pairs (outside the audio+video question): the difference "
+             "with a paired bootstrap 95% interval (not adjusted for multiplicity) and an approximate-randomisation p-value; "
+             f"Holm's correction over all tests below. Significant: Holm-adjusted p < {ALPHA}. Elsewhere: no difference detected "
+             "(which is not evidence of equality)."]  # fmt: skip
     lines.append(f"{len(significant)} of {len(comparisons)} differences are significant"
                  + (": " + "; ".join(f"{c.metric}: {_label(c.first)} vs {_label(c.second)} ({c.verdict})" for c in significant) if significant else "."))
     return Section("Paired comparisons", lines, [_comparison_table(comparisons)] if comparisons else [], [])
@@ -290,7 +322,8 @@ def _comparisons_section(comparisons: list[Comparison]) -> Section:
 def _modality_section(comparisons: list[Comparison]) -> Section:
     if not comparisons:
         return Section("Does audio+video help over text alone?", ["Not answerable here: no trained text-only and multimodal runs of the same base model on the same pairs."], [], [])
-    lines = ["Trained multimodal run minus trained text-only run of the same base model, same pairs and decoding."]
+    lines = ["Trained multimodal run minus trained text-only run of the same base model, same pairs and decoding: a family of "
+             "its own, declared before the numbers, Holm-corrected within it; intervals not adjusted for multiplicity."]
     return Section("Does audio+video help over text alone?", lines, [_comparison_table(comparisons)], [])
 
 

@@ -41,6 +41,7 @@ TARGETS = "targets"
 EVAL_OUTPUTS = "eval_outputs"
 EVAL_RESULTS = "eval_results"
 SWEEP_CELLS = "sweep_cells"
+CELL_PROGRESS = "cell_progress"
 PROBE_RESULTS = "probe_results"
 TARGET_KINDS: tuple[str, ...] = ("next_utterance", "teacher")
 
@@ -164,6 +165,15 @@ EVAL_OUTPUTS_SCHEMA = pa.schema(
         pa.field("emotion_alignment_history", pa.float64()),
         pa.field("sentiment_alignment_history", pa.float64()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        # what the cell's aggregates need besides the above, so they are computed from the stored rows
+        # alone (a cell streams its rows in chunks and may finish in another process); appended to
+        # older tables as nulls on their first write
+        pa.field("bertscore_p", pa.float64()),
+        pa.field("bertscore_r", pa.float64()),
+        pa.field("self_nll", pa.float64()),  # the reply's first sentence without context (ref_self_ppl)
+        pa.field("self_tokens", pa.int32()),
+        pa.field("uncond_nll", pa.float64()),  # the gold reply without context (ref_uncond_ppl)
+        pa.field("uncond_tokens", pa.int32()),
     ],
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: EVAL_OUTPUTS.encode()},
 )
@@ -209,6 +219,33 @@ SWEEP_CELLS_SCHEMA = pa.schema(
     metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: SWEEP_CELLS.encode()},
 )
 
+# One row per evaluation cell being computed: how far it is, so a long sweep's progress can be read
+# from the store by any process (`merg sweep --status`), and a resumed cell knows what was in flight.
+CELL_PROGRESS_SCHEMA = pa.schema(
+    [
+        pa.field("cell", pa.string(), nullable=False, metadata=_PK),
+        pa.field("system", pa.string()),
+        pa.field("preset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("status", pa.string()),  # "running" | "interrupted" | "failed" | "scored" (every example stored)
+        pa.field("total", pa.int32()),  # examples in the cell
+        pa.field("done", pa.int32()),  # examples stored
+        pa.field("reused", pa.int32()),  # examples already stored when this attempt started
+        pa.field("chunk", pa.int32()),  # the chunk this attempt is computing (not yet stored)
+        pa.field("chunks", pa.int32()),
+        pa.field("redone", pa.int32()),  # chunks this attempt recomputes that an earlier attempt had in flight
+        pa.field("attempt", pa.int32()),
+        pa.field("seconds_per_example", pa.float64()),  # this attempt's pace, model loading excluded
+        pa.field("pid", pa.int64()),
+        pa.field("node", pa.string()),
+        pa.field("backend", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("started_at", pa.timestamp("us", tz="UTC")),  # this attempt
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),  # this row's last update
+    ],
+    metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_TABLE: CELL_PROGRESS.encode()},
+)
+
 # One row per emotion probe (`merg probe`): a classifier of MELD's emotion label from one feature of the
 # store. Keyed like cells: `id` hashes everything that determines the numbers (the feature's content,
 # labels, encoder, probe settings).
@@ -235,6 +272,7 @@ RECORD_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     EVAL_OUTPUTS: (EVAL_OUTPUTS_SCHEMA, ("id",)),
     EVAL_RESULTS: (EVAL_RESULTS_SCHEMA, ("cell",)),
     SWEEP_CELLS: (SWEEP_CELLS_SCHEMA, ("id",)),
+    CELL_PROGRESS: (CELL_PROGRESS_SCHEMA, ("cell",)),
     PROBE_RESULTS: (PROBE_RESULTS_SCHEMA, ("id",)),
 }
 

@@ -366,8 +366,19 @@ class Store:
                 except (OSError, ValueError):
                     if not _has_commits(uri):  # not another process creating it first: e.g. the disk is full
                         raise
+            self._add_new_columns(name, table.schema)
             self._upsert(name, table)
         return table.num_rows
+
+    def _add_new_columns(self, name: str, schema: pa.Schema) -> None:
+        """A table written before its schema gained (nullable) columns gets them, as nulls (metadata only)."""
+        missing = [f for f in schema if f.name not in self._dataset(name).schema.names]
+        if missing:
+            try:
+                self._dataset(name).add_columns(missing)
+            except (OSError, ValueError) as exc:  # e.g. another process added them at the same moment
+                if any(f.name not in self._dataset(name).schema.names for f in missing):
+                    raise StoreError(f"could not add columns {[f.name for f in missing]} to {name}: {exc}") from exc
 
     def _upsert(self, name: str, table: pa.Table) -> None:
         on = list(RECORD_TABLES[name][1])

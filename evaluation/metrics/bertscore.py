@@ -68,5 +68,9 @@ class BertScorer:
                 raw = [rescale(x, b) for x, b in zip(raw, self.baseline)]
             for target, values in zip((p, r, f), raw):
                 target[scored] = values
+        return BertScores(p, r, f, self.baseline is not None, self.description)
+
+    @property
+    def description(self) -> str:
         state = "rescaled with bert-score's baseline" if self.baseline else "not rescaled (no official baseline)"
-        return BertScores(p, r, f, self.baseline is not None, f"{self.name} layer {self.num_layers}, {state}; a blank reply scores 0")
+        return f"{self.name} layer {self.num_layers}, {state}; a blank reply scores 0"

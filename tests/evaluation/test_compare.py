@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evaluation.compare import compare_cells, holm, modality_comparisons, paired_test
+from evaluation.compare import PAIRED_METRICS, compare_cells, holm, modality_comparisons, paired_test
 
 
 def _means(values) -> np.ndarray:
@@ -48,3 +48,27 @@ def test_identical_cells_are_listed_not_tested_and_modality_is_oriented_multimod
     bert = [c for c in modality_comparisons(comparisons) if c.metric == "BERTScore F1"]
     assert len(bert) == 2 and all(c.first["cell"] == "m" and c.difference == pytest.approx(0.3) for c in bert)
     assert all(c.significant and c.verdict == "mm higher" for c in bert)
+
+
+def test_perplexity_is_tested_once_per_system_pair_and_each_family_is_corrected_on_its_own():
+    """PPL is scored on the gold reply (the same for every decoding preset): one test per pair of systems, not
+    one per preset. The audio+video question is a family of its own: Holm runs within each family."""
+    from evaluation.compare import MODALITY, OTHERS
+
+    n = 30
+    scores = np.linspace(0, 1, n)
+    outputs, cells = {}, []
+    for system, modality, run, shift in (("text", "text", "runs/t", 0.0), ("mm", "audio+video", "runs/m", 0.3), ("pre", "text", None, 0.1)):
+        for preset in ("default", "reference"):
+            cell = f"{system}-{preset}"
+            outputs[cell] = _rows([f"{cell}{i}" for i in range(n)], scores + shift)
+            cells.append(dict(cell=cell, system=system, modality=modality, run=run, model="llm", split="test", preset=preset))
+    comparisons, _ = compare_cells(outputs, cells, samples=200)
+    ppl = [c for c in comparisons if c.metric == "PPL"]
+    assert len(ppl) == 3 and all(c.every_preset for c in ppl)  # text-mm, text-pre, mm-pre: once each
+    assert len(comparisons) == 3 + 3 * 2 * (len(PAIRED_METRICS) - 1)
+    modality = [c for c in comparisons if c.family == MODALITY]
+    assert {(c.first["system"], c.second["system"]) for c in modality} == {("mm", "text")} and len(modality) == 1 + 2 * (len(PAIRED_METRICS) - 1)
+    for family in (MODALITY, OTHERS):
+        members = [c for c in comparisons if c.family == family]
+        assert [c.p_holm for c in members] == pytest.approx(holm([c.p for c in members]))

@@ -61,6 +61,10 @@ def test_report_lists_a_sweeps_members_with_comparisons_and_copy_statistics(repo
     assert "Emotion acc. (MELD label)" in markdown and "not the teacher's reference reply" in markdown
     assert "not comparable with the numbers of the reference system's table" in markdown
     assert "## Paired comparisons" in markdown and "no difference detected" in markdown
+    # the families are declared in the summary, before any table, with the multiplicity caveat
+    families = markdown.index("fall into two families fixed before the numbers")
+    assert families < markdown.index("| Method |") and "not adjusted for multiplicity" in markdown[:markdown.index("| Method |")]
+    assert "| pretrained (every preset/test) |" in markdown or "(every preset/test) | pretrained" in markdown  # PPL once
     assert "QLoRA multimodal higher" in markdown  # 0.6 vs 0.4 on 40 pairs
     section = markdown.split("## Does audio+video help over text alone?")[1].split("##")[0]
     assert "| QLoRA multimodal (default/test) | QLoRA text-only (default/test) | BERTScore F1 |" in section

@@ -192,7 +192,7 @@ def test_disk_full_while_storing_evaluation_results_then_a_rerun_after_space_is_
 
     used_kib = int(subprocess.run(["du", "-sk", str(dialogue_store)], capture_output=True, text=True, check=True).stdout.split()[0])
     small = tmp_path / "small"
-    _mount_tmpfs(small, f"{used_kib + 512}k")
+    _mount_tmpfs(small, f"{used_kib + 4096}k")  # room for a cell: outputs, progress rows, result
     args = ["evaluate", "--model", tiny_llm, "--store", small / "store", "--limit", "3",
             "--set", "evaluate.emotion_backend=lexicon", "--set", "evaluate.bootstrap_samples=20"]  # fmt: skip
     try:
